@@ -9,67 +9,11 @@ import { isCtrError, parseCtr } from "../src/log/ctr.ts";
 import { isOpParseError, parseOp, readS64, readU64 } from "../src/log/ops.ts";
 import { LogReplica } from "../src/log/replica.ts";
 import type { LogConfig } from "../src/log/types.ts";
-
-const FIXTURE = new URL(
-  "../../shared/fixtures/kernel-6.1-clustered-core-basic.txt",
-  import.meta.url,
-);
-
-/** Request lines in the fixture (its own summary line says so too). */
-const EXPECTED_REQUESTS = 1245;
-
-const LINE = new RegExp(
-  String.raw`^\s*(\d+) t=\S+ seq=(\d+) type=([A-Z_]+)\((\d+)\) uuid=(\S+) luid=0x([0-9a-f]+) ` +
-    String.raw`version=(\d+) error=(-?\d+) data_size=(\d+) payload=(\S+) .*-> ` +
-    String.raw`error=(-?\d+) data_size=(\d+) reply=(\S+)`,
-);
-
-interface Recorded {
-  n: number;
-  typeName: string;
-  type: number;
-  uuid: string;
-  luid: bigint;
-  payload: Uint8Array;
-  error: number;
-  replySize: number;
-  reply: Uint8Array;
-}
-
-function hex(text: string): Uint8Array {
-  if (text === "-") return new Uint8Array(0);
-  assert.match(text, /^([0-9a-f]{2})+$/);
-  return Uint8Array.from(text.match(/../g)!, (b) => parseInt(b, 16));
-}
-
-function parseFixture(text: string): Recorded[] {
-  const out: Recorded[] = [];
-  for (const line of text.split("\n")) {
-    if (line.startsWith("#") || line.trim() === "") continue;
-    const m = LINE.exec(line);
-    assert.ok(m, `Unparsed fixture line: ${line.slice(0, 120)}`);
-    const payload = hex(m[10]);
-    assert.equal(payload.byteLength, Number(m[9]), `Line ${m[1]}: payload size`);
-    const reply = hex(m[13]);
-    assert.equal(reply.byteLength, Number(m[12]), `Line ${m[1]}: reply size`);
-    out.push({
-      n: Number(m[1]),
-      typeName: m[3],
-      type: Number(m[4]),
-      uuid: m[5],
-      luid: BigInt("0x" + m[6]),
-      payload,
-      error: Number(m[11]),
-      replySize: Number(m[12]),
-      reply,
-    });
-  }
-  return out;
-}
+import { FIXTURE_REQUESTS, loadFixture } from "./support/fixture.ts";
 
 Deno.test("fixture replay: every request of the 6.1 kernel gets the recorded answer", async () => {
-  const requests = parseFixture(await Deno.readTextFile(FIXTURE));
-  assert.equal(requests.length, EXPECTED_REQUESTS);
+  const requests = await loadFixture();
+  assert.equal(requests.length, FIXTURE_REQUESTS);
   assert.deepEqual(requests.map((r) => r.n), requests.map((_, i) => i + 1));
 
   const node = 1;
@@ -130,7 +74,7 @@ Deno.test("fixture replay: every request of the 6.1 kernel gets the recorded ans
     assert.equal(replica.checkInvariants(), undefined, `${where}: invariants`);
     checked++;
   }
-  assert.equal(checked, EXPECTED_REQUESTS);
+  assert.equal(checked, FIXTURE_REQUESTS);
   // The responder handed out regions in order, and so do we.
   assert.deepEqual(resyncRegions, Array.from({ length: 128 }, (_, i) => i));
 });
