@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh >/dev/null
-exec node_modules/.bin/deno run --allow-all --v8-flags=--stack-size=2048 scripts/bench/run.ts "$@"
+exec scripts/deno/node_modules/.bin/deno run --allow-all --v8-flags=--stack-size=2048 scripts/bench/run.ts "$@"

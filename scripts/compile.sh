@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh >/dev/null
-export PATH="$PWD/node_modules/.bin:$PATH"
+export PATH="$PWD/scripts/deno/node_modules/.bin:$PATH"
 version=$(deno --version | awk 'NR==1{print $2}')
 mkdir -p dist
 if [ -z "${DENORT_BIN:-}" ]; then

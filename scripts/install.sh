@@ -5,9 +5,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -x node_modules/.bin/deno ] || ! node_modules/.bin/deno --version >/dev/null 2>&1; then
-  echo "install: deno from npm (package-lock.json)"
-  npm ci --no-audit --no-fund --loglevel=error
+# Deno is pinned in scripts/deno/package.json (not at the top level: a package.json there makes
+# `deno task` resolve it as npm dependencies, and the deno package's per-platform builds fail to).
+deno=scripts/deno/node_modules/.bin/deno
+if [ ! -x "$deno" ] || ! "$deno" --version >/dev/null 2>&1; then
+  echo "install: deno from npm (scripts/deno/package-lock.json)"
+  # Not `npm ci`: the deno package lists a build per platform as optional dependencies, the lock
+  # holds only this platform's, and npm ci rejects such a lock as out of sync. npm install
+  # installs exactly what the lock pins and leaves it unchanged.
+  npm install --prefix scripts/deno --no-audit --no-fund --loglevel=error
 fi
 
 need=()
@@ -30,4 +36,4 @@ if [ ${#need[@]} -gt 0 ]; then
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
 fi
-node_modules/.bin/deno --version | head -1
+"$deno" --version | head -1

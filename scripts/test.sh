@@ -5,7 +5,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh || exit 1
-export PATH="$PWD/node_modules/.bin:$PATH"
+export PATH="$PWD/scripts/deno/node_modules/.bin:$PATH"
 junit=$(mktemp /tmp/clogd-junit.XXXXXX.xml)
 trap 'rm -f "$junit"' EXIT
 deno test --allow-all --v8-flags=--stack-size=2048 --junit-path="$junit" "$@"

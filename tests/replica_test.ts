@@ -3,7 +3,13 @@ import { Errno, MAX_REGIONS_PER_REQUEST, RequestType } from "../src/kernel/proto
 import { Bitmap, popcount32 } from "../src/log/bitmap.ts";
 import { isCtrError, parseCtr } from "../src/log/ctr.ts";
 import { Digest } from "../src/log/digest.ts";
-import { isOpParseError, parseOp, readS64, readU64 } from "../src/log/ops.ts";
+import {
+  isOpParseError,
+  parseOp,
+  readS64,
+  readU64,
+  remoteRecoveringBytes,
+} from "../src/log/ops.ts";
 import {
   LogReplica,
   MAX_DIRTY_WORDS,
@@ -159,7 +165,11 @@ Deno.test("apply(resume) of a disk log: fresh without an image, the image otherw
   const reconnected = new LogReplica(config(70, { kind: "disk", sync: "nosync" }));
   ok(reconnected.apply(1, { op: "resume", diskImage: image }));
   assert.equal(syncCount(reconnected), 69);
-  assert.equal(reconnected.isInSync(8), false, "a dirty region from disk stays out of sync under nosync");
+  assert.equal(
+    reconnected.isInSync(8),
+    false,
+    "a dirty region from disk stays out of sync under nosync",
+  );
   const nosync = new LogReplica(config(70, { kind: "disk", sync: "nosync" }));
   ok(nosync.apply(1, { op: "resume" }));
   assert.equal(syncCount(nosync), 70);
@@ -764,6 +774,8 @@ class Model {
   readonly sync: boolean[];
   readonly marks = new Map<NodeId, Set<number>>();
   readonly assigned = new Map<number, NodeId>();
+  /** Member states: resumed, presuspended, suspended (crashed members are removed). */
+  readonly states = new Map<NodeId, string>();
   latch = false;
   initialized = false;
   constructor(readonly n: number, readonly nosync: boolean) {
@@ -848,6 +860,7 @@ function randomRun(seed: number, nosync: boolean): void {
 
     if (op === "crash") {
       const expect = model.release(node);
+      model.states.delete(node);
       crashes++;
       assert.equal(a.nodeCrashed(node), expect, where);
       assert.equal(b.nodeCrashed(node), expect, where);
@@ -858,7 +871,11 @@ function randomRun(seed: number, nosync: boolean): void {
       if (joiner) assert.deepEqual(joiner.apply(node, op), res, where);
       const answer = res.data && res.data.byteLength === 8 ? readS64(res.data) : undefined;
       switch (op.op) {
+        case "presuspend":
+          model.states.set(node, "presuspended");
+          break;
         case "resume":
+          model.states.set(node, "resumed");
           if (!model.initialized) {
             model.initialized = true;
             model.sync.fill(nosync);
@@ -868,6 +885,7 @@ function randomRun(seed: number, nosync: boolean): void {
           break;
         case "postsuspend":
           model.release(node);
+          model.states.set(node, "suspended");
           break;
         case "mark":
         case "flush": {
@@ -916,7 +934,8 @@ function randomRun(seed: number, nosync: boolean): void {
         case "is_remote_recovering": {
           const rec = readS64(res.data!, 0);
           const hint = readU64(res.data!, 8);
-          assert.equal(rec, !model.sync[op.region] && !model.latch ? 1 : 0, where);
+          const recovering = [...model.states.values()].includes("resumed");
+          assert.equal(rec, recovering && !model.sync[op.region] && !model.latch ? 1 : 0, where);
           const lowest = model.sync.indexOf(false);
           assert.equal(hint, lowest < 0 ? n : lowest, where);
           break;
@@ -1031,4 +1050,32 @@ Deno.test("Digest tells apart word sequences that differ in a value, the order o
   const seen = new Set<string>();
   for (let i = 0; i < 10000; i++) seen.add(h(i));
   assert.equal(seen.size, 10000);
+});
+
+Deno.test("apply(is_remote_recovering) answers not recovering once every member is suspending", () => {
+  // A suspending kernel waits for its held writes, which wait for "not recovering": with no
+  // resumed member left nobody recovers, so "recovering" would hang the suspend forever.
+  const r = new LogReplica(config(70));
+  ok(r.apply(1, { op: "resume" }));
+  const before = r.apply(1, { op: "is_remote_recovering", region: 9 });
+  assert.deepEqual(
+    [...before.data!],
+    [...remoteRecoveringBytes(true, 0)],
+    "out of sync while resumed",
+  );
+  ok(r.apply(1, { op: "presuspend" }));
+  const during = r.apply(1, { op: "is_remote_recovering", region: 9 });
+  assert.deepEqual([...during.data!], [...remoteRecoveringBytes(false, 0)], "hint still truthful");
+  // Another member still resumed: it may recover, so the answer stays "recovering".
+  const c = new LogReplica(config(70));
+  ok(c.apply(1, { op: "resume" }));
+  ok(c.apply(2, { op: "resume" }));
+  ok(c.apply(1, { op: "presuspend" }));
+  assert.deepEqual([...c.apply(1, { op: "is_remote_recovering", region: 9 }).data!], [
+    ...remoteRecoveringBytes(true, 0),
+  ]);
+  ok(r.apply(1, { op: "resume" }));
+  assert.deepEqual([...r.apply(1, { op: "is_remote_recovering", region: 9 }).data!], [
+    ...remoteRecoveringBytes(true, 0),
+  ]);
 });

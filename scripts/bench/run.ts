@@ -18,7 +18,10 @@ import { NetworkNamespace } from "../../tests/support/netns.ts";
 import { DaemonProcess, KernelPeer, REPO, sleep } from "../../tests/support/daemon.ts";
 import { RequestType } from "../../src/kernel/protocol.ts";
 
-const { values } = parseArgs({ args: Deno.args, options: { seconds: { type: "string", default: "5" } } });
+const { values } = parseArgs({
+  args: Deno.args,
+  options: { seconds: { type: "string", default: "5" } },
+});
 const seconds = values.seconds;
 const DENO = Deno.execPath();
 
@@ -32,7 +35,15 @@ interface LoadResult {
 }
 
 async function load(netns: NetworkNamespace, args: string[]): Promise<LoadResult> {
-  const child = netns.spawn([DENO, "run", "--allow-all", `${REPO}scripts/bench/load.ts`, "--seconds", seconds, ...args]);
+  const child = netns.spawn([
+    DENO,
+    "run",
+    "--allow-all",
+    `${REPO}scripts/bench/load.ts`,
+    "--seconds",
+    seconds,
+    ...args,
+  ]);
   const out = await child.output();
   const text = new TextDecoder().decode(out.stdout).trim();
   if (out.code !== 0) throw new Error(`load.ts failed: ${new TextDecoder().decode(out.stderr)}`);
@@ -42,7 +53,9 @@ async function load(netns: NetworkNamespace, args: string[]): Promise<LoadResult
 }
 
 function row(name: string, r: LoadResult): string {
-  return `| ${name} | ${r.inflight} | ${r.requestsPerSecond.toLocaleString("en")} | ${r.flushP50us} / ${r.flushP99us} |`;
+  return `| ${name} | ${r.inflight} | ${
+    r.requestsPerSecond.toLocaleString("en")
+  } | ${r.flushP50us} / ${r.flushP99us} |`;
 }
 
 function rssKiB(pid: number): number {
@@ -60,7 +73,9 @@ const say = (s: string) => {
 {
   const netns = await NetworkNamespace.create({ prefix: "clogd-bench" });
   try {
-    const echo = netns.spawn([DENO, "run", "--allow-all", `${REPO}scripts/bench/echo.ts`], { stdout: "piped" });
+    const echo = netns.spawn([DENO, "run", "--allow-all", `${REPO}scripts/bench/echo.ts`], {
+      stdout: "piped",
+    });
     await sleep(1500); // echo prints "ready" at once; give Deno its start-up
     const e1 = await load(netns, ["--inflight", "1"]);
     const e32 = await load(netns, ["--inflight", "32"]);
@@ -69,9 +84,18 @@ const say = (s: string) => {
     const daemon = await DaemonProcess.start(netns, { args: ["--log-level", "warn"] });
     const c1 = await load(netns, ["--inflight", "1", "--setup", "--uuid", "bench-core-1"]);
     const c32 = await load(netns, ["--inflight", "32", "--setup", "--uuid", "bench-core-32"]);
-    const ci32 = await load(netns, ["--inflight", "32", "--setup", "--integrated", "--uuid", "bench-core-i32"]);
+    const ci32 = await load(netns, [
+      "--inflight",
+      "32",
+      "--setup",
+      "--integrated",
+      "--uuid",
+      "bench-core-i32",
+    ]);
     await daemon.stop();
-    say(`Write cycle over netlink, ${seconds} s per run (requests/s counts MARK, CLEAR and FLUSH):`);
+    say(
+      `Write cycle over netlink, ${seconds} s per run (requests/s counts MARK, CLEAR and FLUSH):`,
+    );
     say("");
     say("| responder | in flight | requests/s | FLUSH p50 / p99 (us) |");
     say("|---|---|---|---|");
@@ -82,7 +106,9 @@ const say = (s: string) => {
     say(row("clogd, clustered-core, integrated flush", ci32));
     say("");
     say(
-      `clogd / echo throughput: ${(c1.requestsPerSecond / e1.requestsPerSecond).toFixed(2)} at 1 in flight, ` +
+      `clogd / echo throughput: ${
+        (c1.requestsPerSecond / e1.requestsPerSecond).toFixed(2)
+      } at 1 in flight, ` +
         `${(c32.requestsPerSecond / e32.requestsPerSecond).toFixed(2)} at 32 (goal: >= 0.5)`,
     );
   } finally {
@@ -99,19 +125,36 @@ const say = (s: string) => {
     await Deno.writeFile(logFile, new Uint8Array(1 << 20));
     const daemon = await DaemonProcess.start(netns, { args: ["--log-level", "warn"] });
     const ctr = `${4096 * 1024} clustered-disk ${logFile} 1024 nosync`;
-    const d32 = await load(netns, ["--inflight", "32", "--setup", "--integrated", "--uuid", "bench-disk", "--ctr", ctr]);
+    const d32 = await load(netns, [
+      "--inflight",
+      "32",
+      "--setup",
+      "--integrated",
+      "--uuid",
+      "bench-disk",
+      "--ctr",
+      ctr,
+    ]);
     const st = await daemon.query();
     const ds = st.logs[0].diskStats!;
     // Integrated flush: FLUSH(mark), CLEAR, FLUSH per I/O, so two requests in three are FLUSHes.
     const flushCount = Math.round((d32.requests * 2) / 3);
     await daemon.stop();
     say("");
-    say(`clustered-disk log on a file (ext4/tmpfs under ${dir.split("/")[1]}), integrated flush, 32 in flight:`);
+    say(
+      `clustered-disk log on a file (ext4/tmpfs under ${
+        dir.split("/")[1]
+      }), integrated flush, 32 in flight:`,
+    );
     say("");
-    say("| in flight | requests/s | FLUSH p50 / p99 (us) | FLUSHes | fdatasyncs | fdatasyncs per 32 FLUSHes |");
+    say(
+      "| in flight | requests/s | FLUSH p50 / p99 (us) | FLUSHes | fdatasyncs | fdatasyncs per 32 FLUSHes |",
+    );
     say("|---|---|---|---|---|---|");
     say(
-      `| 32 | ${d32.requestsPerSecond.toLocaleString("en")} | ${d32.flushP50us} / ${d32.flushP99us} | ${flushCount} | ${ds.syncs} | ${
+      `| 32 | ${
+        d32.requestsPerSecond.toLocaleString("en")
+      } | ${d32.flushP50us} / ${d32.flushP99us} | ${flushCount} | ${ds.syncs} | ${
         (ds.syncs / (flushCount / 32)).toFixed(2)
       } |`,
     );
@@ -132,7 +175,11 @@ const say = (s: string) => {
     // (JIT, heap) that serving any log brings, so the difference is the big log's own cost.
     const exercise = async (uuid: string, regions: number) => {
       const base = { layout: "current" as const, luid: 0xffff888066660000n, uuid, version: 3 };
-      let r = await peer.request({ ...base, type: RequestType.CTR, payload: enc.encode(`${regions * 8} clustered-core 8`) });
+      let r = await peer.request({
+        ...base,
+        type: RequestType.CTR,
+        payload: enc.encode(`${regions * 8} clustered-core 8`),
+      });
       if (r.errno !== 0) throw new Error(`CTR of ${regions} regions failed: ${r.errno}`);
       r = await peer.request({ ...base, type: RequestType.RESUME, payload: new Uint8Array(0) });
       for (let i = 0; i < 64; i++) {
@@ -153,8 +200,12 @@ const say = (s: string) => {
     await daemon.stop();
     say("");
     say(
-      `Memory: daemon RSS ${(before / 1024).toFixed(1)} MiB serving a log of 1,024 regions, ${(after / 1024).toFixed(1)} MiB with a resumed ` +
-        `log of 2^24 regions added: ${((after - before) / 1024).toFixed(1)} MiB for that log (goal: <= 8 MiB)`,
+      `Memory: daemon RSS ${(before / 1024).toFixed(1)} MiB serving a log of 1,024 regions, ${
+        (after / 1024).toFixed(1)
+      } MiB with a resumed ` +
+        `log of 2^24 regions added: ${
+          ((after - before) / 1024).toFixed(1)
+        } MiB for that log (goal: <= 8 MiB)`,
     );
   } finally {
     await netns.delete();

@@ -654,6 +654,14 @@ export class LogReplica implements LogReplicaLike {
   #isRemoteRecovering(region: number): OpResult {
     const bad = this.#checkRegion(region);
     if (bad) return refuse(bad);
+    if (!this.#recoveryPossible()) {
+      // Every member is suspending or suspended, so nobody recovers anything until a RESUME
+      // (cmirrord's recovery_halted). A suspending kernel waits for its held writes, and a held
+      // write waits for "not recovering": answering "recovering" here deadlocks the suspend.
+      // Writes to an out-of-sync region go to the default leg only and are resynced later. The
+      // hint stays truthful: the kernel stops asking for resync work once it reaches the count.
+      return ok(remoteRecoveringBytes(false, this.#lowestOutOfSync()));
+    }
     const outOfSync = !this.#sync.get(region);
     if (
       outOfSync && this.#initialized && !this.#recoverer.has(region) &&
@@ -662,6 +670,12 @@ export class LogReplica implements LogReplicaLike {
       this.#priority.push(region);
     }
     return ok(remoteRecoveringBytes(outOfSync && !this.#latch, this.#lowestOutOfSync()));
+  }
+
+  /** True while some member is resumed (not suspending): a kernel that may recover regions. */
+  #recoveryPossible(): boolean {
+    for (const state of this.#members.values()) if (state === "resumed") return true;
+    return false;
   }
 
   // ---- helpers ----
