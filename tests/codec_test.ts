@@ -289,7 +289,10 @@ Deno.test("encodeReply() lays out a current full reply byte for byte", () => {
 
   const failed = reader(encodeReply(request, { errno: Errno.EIO }));
   assert.equal(failed.i32(180), -Errno.EIO, "error is the negated errno");
-  assert.equal(failed.u32(192), 0);
+  // The kernel copies data_size into the caller's reply-size variable, which its -ESRCH retry
+  // reuses: an error reply keeps it at the request's capacity (zeros), never 0.
+  assert.equal(failed.u32(192), 8, "error reply data_size = IN_SYNC's reply capacity");
+  assert.equal(hex(encodeReply(request, { errno: Errno.ESRCH }).subarray(196)), "0000000000000000");
 });
 
 Deno.test("encodeReply() lays out a 2009 full reply byte for byte", () => {
@@ -338,6 +341,12 @@ Deno.test("encodeReply() with ackOnly sends a zero-length cn_msg carrying seq an
     errno: Errno.EAGAIN,
     data: new Uint8Array(0),
   });
+  // An ACK sets the kernel's reply size to 0 (except for -EAGAIN), which an -ESRCH retry
+  // would reuse: other errors go out in full, with the capacity as data_size.
+  const esrch = decodeReply(encodeReply(request, { errno: Errno.ESRCH }, { ackOnly: true }), {
+    layout: "current",
+  });
+  assert.ok(esrch.ok && esrch.kind === "full" && esrch.errno === Errno.ESRCH);
   // An ACK cannot carry data: a reply with data goes out in full.
   const full = decodeReply(
     encodeReply(request, { errno: 0, data: s64Bytes(1) }, { ackOnly: true }),
@@ -368,7 +377,8 @@ Deno.test("encodeReply() turns data over the kernel's buffer into a -ENOSPC repl
     assert.ok(back.ok && back.kind === "full", `type ${type}`);
     assert.equal(back.seq, 31);
     assert.equal(back.errno, Errno.ENOSPC, `type ${type}`);
-    assert.equal(back.data.length, 0);
+    assert.equal(back.data.length, replyCapacity(request), "error replies keep the capacity");
+    assert.ok(back.data.every((b) => b === 0));
   }
   // Exactly the capacity is fine.
   const { request } = decodeOk(
@@ -471,7 +481,9 @@ Deno.test("decodeDatagram() gives each malformed corpus entry its expected outco
         assert.equal(back.kind, "full");
         assert.equal(back.seq, entry.seq);
         assert.equal(back.errno, entry.errno);
-        assert.equal(back.data.length, 0);
+        const type = res.reply.rawType & 0xff;
+        const room = type >= 2 && type <= 17 ? REPLY_CAPACITY[type as RequestType] : 0;
+        assert.equal(back.data.length, room, `${where}: error reply keeps the type's capacity`);
       }
     });
   }

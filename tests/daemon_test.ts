@@ -85,6 +85,13 @@ Deno.test("daemon answers -ESRCH for unknown logs, and a re-CTR then RESUME rest
       const uuid = "esrch-test-uuid";
       let r = await peer.request(spec(uuid, RequestType.IN_SYNC, u64(3)));
       assert.equal(r.errno, Errno.ESRCH);
+      // The kernel keeps this reply's data_size as the room for its retry after re-CTR and
+      // RESUME: it must be IN_SYNC's 8 bytes, or the retried answer is dropped (ENOSPC).
+      assert.equal(r.kind, "full");
+      assert.equal(r.data.length, 8, "-ESRCH reply keeps the request's reply room");
+      r = await peer.request(spec(uuid, RequestType.GET_RESYNC_WORK));
+      assert.equal(r.errno, Errno.ESRCH);
+      assert.equal(r.data.length, 16);
       // The kernel's re-CTR counts the NUL and offers no reply room.
       r = await peer.request(
         spec(uuid, RequestType.CTR, enc.encode("65536 clustered-core 1024 nosync\0")),

@@ -84,11 +84,13 @@ class FakeDaemon {
       uuid: c.uuid,
       luid: c.luid,
     });
+    // Errors go out in full with data_size = the kernel's reply room, as clogd answers them:
+    // an ACK or an empty full reply would zero the kernel's reply size for its -ESRCH retry.
     const err = (errno: number): ModelReply => ({
       seq: c.seq,
       errno,
-      kind: "ack",
-      data: new Uint8Array(0),
+      kind: "full",
+      data: new Uint8Array(c.cap),
     });
     if (c.type === RequestType.CTR) {
       const text = dec.decode(c.payload).replace(/\0$/, "");
@@ -1130,4 +1132,30 @@ Deno.test("KernelModel seqs wrap around 2^32 like the kernel's u32 counter", () 
   // A reply to a seq from before the wrap that was answered already is a duplicate.
   h.model.onReply({ seq: 2 ** 32 - 5, errno: 0, kind: "ack", data: new Uint8Array(0) }, h.now);
   assert.deepEqual(kinds(h.model), ["duplicate-reply"]);
+});
+
+Deno.test("KernelModel retries after -ESRCH with the reply room the -ESRCH reply left (fill_pkg)", () => {
+  // The real 6.1 kernel stores a reply's data_size in the caller's reply-size variable and
+  // reuses it for the retry after re-CTR and RESUME: an -ESRCH reply with data_size 0 makes
+  // the retried GET_SYNC_COUNT's 8-byte answer "Insufficient space" (seen under qemu).
+  const h = harness({
+    mirrors: [{ kind: "clustered-core", initialSync: "unknown" }],
+    workload: QUIET,
+  });
+  let tampered = false;
+  pump(h, {
+    tamper: (call, reply) => {
+      if (
+        !tampered && call.type === RequestType.GET_SYNC_COUNT &&
+        h.daemon.logs.get(call.uuid)?.resumed
+      ) {
+        tampered = true;
+        h.daemon.logs.clear();
+        return { seq: call.seq, errno: Errno.ESRCH, kind: "full", data: new Uint8Array(0) };
+      }
+      return reply;
+    },
+  });
+  assert.ok(tampered);
+  assert.deepEqual(kinds(h.model), ["too-large"], "the retried request's answer no longer fits");
 });

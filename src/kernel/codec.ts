@@ -575,6 +575,14 @@ let slabView = new DataView(slab.buffer);
 let slabUsed = 0;
 
 /** Zeroed space for one message: its bytes, and a DataView plus base offset to write them. */
+const EMPTY = new Uint8Array(0);
+
+/** A zero-filled array of `n` bytes (error replies' room; shared for the common sizes). */
+function zeros(n: number): Uint8Array {
+  return n === 0 ? EMPTY : n <= ZERO_BYTES.length ? ZERO_BYTES.subarray(0, n) : new Uint8Array(n);
+}
+const ZERO_BYTES = new Uint8Array(128);
+
 function allocate(n: number): { out: Uint8Array; dv: DataView; base: number } {
   if (n > SLAB_BYTES / 4) {
     const out = new Uint8Array(n);
@@ -662,12 +670,24 @@ export function encodeReply(
   opts?: { ackOnly?: boolean },
 ): Uint8Array {
   let errno = sanitizeErrno(reply.errno);
-  let data = reply.data ?? new Uint8Array(0);
+  let data = reply.data ?? EMPTY;
   if (data.length > replyCapacity(request)) {
     errno = Errno.ENOSPC;
-    data = new Uint8Array(0);
+    data = EMPTY;
   }
-  if (opts?.ackOnly && data.length === 0) return encodeAck(request.seq, errno);
+  // The ACK form sets the kernel's reply size to 0, except for -EAGAIN: use it only where
+  // that is harmless (success without data, or -EAGAIN), else send the full form.
+  const ackable = errno === 0 ? data.length === 0 : errno === Errno.EAGAIN;
+  if (opts?.ackOnly && ackable) return encodeAck(request.seq, errno);
+  if (errno !== 0) {
+    // An error reply carries data_size = the request's reply capacity (zeros). The kernel
+    // stores a reply's data_size into the caller's reply-size variable, and on -ESRCH it
+    // re-sends CTR and RESUME and then retries the request with that same variable: a
+    // data_size of 0 here leaves the retried IN_SYNC (etc.) no room, the kernel drops its
+    // answer as "Insufficient space" and the mirror reads "not in sync" (writes go to one leg).
+    // Seen against the real 6.1 kernel under qemu after a daemon restart.
+    data = zeros(replyCapacity(request));
+  }
 
   const off = OFFSETS[request.layout];
   const cnLen = off.len + data.length;
@@ -695,21 +715,26 @@ export function encodeReply(
 /**
  * Encode the error reply to a malformed request whose seq was readable (`info` from a failed
  * {@link decodeDatagram}): the received header echoed byte for byte, with `error` = -errno and
- * `data_size` = 0.
+ * `data_size` = the type's reply capacity (zeros; see {@link encodeReply}).
  */
 export function encodeErrorReply(info: ErrorReplyInfo, errno: number): Uint8Array {
   const off = OFFSETS[info.layout];
-  const { out, dv, base } = allocate(FRAME_OVERHEAD + off.len);
-  writeFrame(dv, base, off.len, {
+  // Keep the kernel's reply-size variable intact, as encodeReply does (a CTR may be a first CTR
+  // or a re-CTR: 0, which both accept).
+  const type = info.rawType & REQUEST_TYPE_MASK;
+  const room = isRequestType(type) && type !== RequestType.CTR ? REPLY_CAPACITY[type] : 0;
+  const { out, dv, base } = allocate(FRAME_OVERHEAD + off.len + room);
+  writeFrame(dv, base, off.len + room, {
     nlSeq: info.seq,
     cnSeq: info.frame.cnSeq,
     cnAck: info.frame.cnAck,
   });
   const h = base + FRAME_OVERHEAD;
   out.set(info.header.subarray(0, off.len), FRAME_OVERHEAD);
+  out.fill(0, FRAME_OVERHEAD + off.len, FRAME_OVERHEAD + off.len + room);
   dv.setInt32(h + off.error, -sanitizeErrno(errno), LITTLE_ENDIAN);
   dv.setUint32(h + off.seq, info.seq >>> 0, LITTLE_ENDIAN);
-  dv.setUint32(h + off.dataSize, 0, LITTLE_ENDIAN);
+  dv.setUint32(h + off.dataSize, room, LITTLE_ENDIAN);
   return out;
 }
 

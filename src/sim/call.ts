@@ -62,6 +62,13 @@ export class Call implements OutgoingRequest {
   payload: Uint8Array = EMPTY;
   /** Reply bytes the kernel offers for this request (more fails with -ENOSPC). */
   cap = 0;
+  /**
+   * What the kernel's reply-size variable holds after this call (fill_pkg writes it): a full
+   * reply's data_size, 0 after an ACK (except -EAGAIN) or an over-capacity reply, unchanged
+   * when the send failed. userspace_do_request reuses the variable for its -ESRCH retry and
+   * dm_consult_userspace for its -EAGAIN resend, so it becomes the next try's capacity.
+   */
+  capAfter = 0;
   kind: number = CallKind.KERNEL;
   /** For {@link CallKind.BAD}: expected positive errno, {@link EXPECT_ERROR} or {@link EXPECT_ERROR_OR_DROP}. */
   expect = 0;

@@ -616,8 +616,14 @@ export class KernelModel {
     if (reply.kind === "full" && reply.data.length > call.cap) {
       facts = { ...reply, data: EMPTY, overCapacity: true };
       call.errno = Errno.ENOSPC;
+      call.capAfter = 0;
     } else {
       call.errno = reply.errno;
+      call.capAfter = reply.kind === "full"
+        ? reply.data.length
+        : reply.errno === Errno.EAGAIN
+        ? call.cap
+        : 0;
     }
     if (call.errno !== 0) this.stats.errorReplies++;
     call.state = CallState.REPLIED;
@@ -634,6 +640,7 @@ export class KernelModel {
     this.#calls.delete(seq >>> 0);
     this.#seqState[seq & (SEQ_MEMORY - 1)] = SEQ_SEND_FAILED;
     this.stats.sendFailures++;
+    call.capAfter = call.cap; // dm_consult_userspace leaves the reply size alone on a failed send
     call.state = CallState.SEND_FAILED;
     call.errno = errno;
     this.#complete(call);
@@ -793,6 +800,7 @@ export class KernelModel {
     c.type = type;
     c.payload = payload;
     c.cap = cap;
+    c.capAfter = cap;
     c.logIndex = m.index;
     return c;
   }
@@ -842,6 +850,7 @@ export class KernelModel {
       if (c.state === CallState.REPLIED && c.errno === Errno.EAGAIN) {
         this.stats.eagain++;
         this.stats.resends++;
+        cap = c.capAfter; // the same reply-size variable, as fill_pkg left it
         continue;
       }
       return c;
@@ -863,6 +872,10 @@ export class KernelModel {
     for (;;) {
       const c = yield* this.#consult(m, type, payload, cap, region, regions, false);
       if (c.errno !== Errno.ESRCH) return c;
+      // The retry below reuses the caller's reply-size variable as the -ESRCH reply left it: a
+      // daemon that answers an error with data_size 0 leaves the retry no room (the real 6.1
+      // kernel then logs "Insufficient space to receive package" and fails the call).
+      cap = c.capAfter;
       this.stats.esrch++;
       m.checker.onRestart(c);
       for (;;) {
