@@ -15,6 +15,8 @@ export interface DiskLog {
   load(sync: SyncMode): Promise<{ image?: DiskImage; warning?: string }>;
   /** Write the changed words of `bytes` (the whole clean bitmap) and make them durable. */
   write(bytes: Uint8Array, changes: DiskChanges): Promise<void>;
+  /** Settles when every write so far is durable (rejects if its batch failed); starts none. */
+  settled(): Promise<void>;
   /** Close the device once every write settled. */
   close(): Promise<void>;
   /** "path (major:minor)" for log lines and status. */

@@ -22,6 +22,7 @@ export async function openDiskLog(config: LogConfig): Promise<DiskLog> {
     kernelName: device.name,
     load: (sync) => store.load(sync),
     write: (bytes, changes) => store.write(bytes, changes, config.regionCount),
+    settled: () => store.settled(),
     close: () => store.close(),
     describe: () => label,
     stats: () => ({ ...store.stats }),

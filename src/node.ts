@@ -73,7 +73,10 @@ export interface NodeStats {
   replies: number;
   errors: number;
   unknownLog: number;
+  /** FLUSHes (and POSTSUSPENDs) of disk logs answered after the disk. */
   durableWaits: number;
+  /** Of those, FLUSHes that dirtied nothing and so started no sync of their own. */
+  lazyFlushes: number;
 }
 
 /** Node options. */
@@ -99,6 +102,7 @@ export class Node {
     errors: 0,
     unknownLog: 0,
     durableWaits: 0,
+    lazyFlushes: 0,
   };
 
   constructor(options: NodeOptions) {
@@ -236,27 +240,45 @@ export class Node {
   #afterApply(request: Request, slot: LogSlot, op: Op, result: OpResult): void {
     if (op.op === "resume" && result.errno === 0) slot.state = "resumed";
     if (op.op === "postsuspend" && result.errno === 0) slot.state = "suspended";
-    if (result.needsDurable === true && slot.disk !== null && result.errno === 0) {
-      // Invariant 7: answer a FLUSH only when every change delivered before it is durable.
+    const flushing = result.needsDurable === true && slot.disk !== null && result.errno === 0;
+    const suspending = op.op === "postsuspend" && slot.disk !== null && result.errno === 0;
+    if (flushing && !slot.replica.diskDirtied) {
+      // Invariant 7 needs only the marks delivered before this FLUSH on disk, and they were
+      // handed to the store by earlier FLUSHes: wait for those writes, start no sync. The clean
+      // bits go out with the next FLUSH that marks, or at POSTSUSPEND (the kernel's disk log,
+      // too, skips the cache flush when nothing was dirtied).
+      this.stats.durableWaits++;
+      this.stats.lazyFlushes++;
+      this.#afterDisk(request, result, slot, slot.disk!.settled());
+      return;
+    }
+    if (flushing || suspending) {
+      // Invariant 7: answer a FLUSH only when every change delivered before it is durable. A
+      // suspended log is written out whole (clean bits included), so a clean shutdown leaves a
+      // clean log.
       this.stats.durableWaits++;
       const changes = slot.replica.takeDiskChanges();
-      const write = slot.disk.write(slot.replica.diskBytes(), changes);
-      this.#inflightWrites.add(write);
-      write.then(
-        () => {
-          this.#inflightWrites.delete(write);
-          this.#answer(request, result);
-        },
-        (err) => {
-          this.#inflightWrites.delete(write);
-          this.#log.error(`Disk log ${slot.config.device} write failed: ${errText(err)}`);
-          this.#bus.submit({ key: slot.key, node: this.nodeId, tag: 0, op: { op: "disk_failed" } });
-          this.#answer(request, { errno: Errno.EIO });
-        },
-      );
+      this.#afterDisk(request, result, slot, slot.disk!.write(slot.replica.diskBytes(), changes));
       return;
     }
     this.#answer(request, result);
+  }
+
+  /** Answer `request` once `write` is durable; a failed write fails the log device (status D). */
+  #afterDisk(request: Request, result: OpResult, slot: LogSlot, write: Promise<void>): void {
+    this.#inflightWrites.add(write);
+    write.then(
+      () => {
+        this.#inflightWrites.delete(write);
+        this.#answer(request, result);
+      },
+      (err) => {
+        this.#inflightWrites.delete(write);
+        this.#log.error(`Disk log ${slot.config.device} write failed: ${errText(err)}`);
+        this.#bus.submit({ key: slot.key, node: this.nodeId, tag: 0, op: { op: "disk_failed" } });
+        this.#answer(request, { errno: Errno.EIO });
+      },
+    );
   }
 
   #ctr(request: Request): void {

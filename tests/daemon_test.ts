@@ -268,3 +268,48 @@ function concat(...parts: Uint8Array[]): Uint8Array {
   }
   return out;
 }
+
+Deno.test("disk log: a FLUSH that dirtied nothing starts no sync; POSTSUSPEND writes the clean bits", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "clogd-lazy-" });
+  const file = `${dir}/log.img`;
+  await Deno.writeFile(file, new Uint8Array(64 * 1024));
+  const cleanBit = async (region: number) => {
+    const b = await Deno.readFile(file);
+    return (b[1024 + (region >> 3)] >> (region & 7)) & 1;
+  };
+  try {
+    await withNetns(async (netns) => {
+      const daemon = await DaemonProcess.start(netns, { dir });
+      const peer = new KernelPeer(netns);
+      try {
+        const uuid = "lazy-flush-uuid";
+        const ask = async (type: number, payload: Uint8Array = new Uint8Array(0)) => {
+          const r = await peer.request(spec(uuid, type, payload));
+          assert.equal(r.errno, 0, `type ${type}`);
+          return r;
+        };
+        await ask(RequestType.CTR, enc.encode(`${64 * 1024} clustered-disk ${file} 1024 nosync`));
+        await ask(RequestType.RESUME);
+        await ask(RequestType.FLUSH); // writes the whole fresh log
+        await ask(RequestType.MARK_REGION, u64(9));
+        await ask(RequestType.FLUSH);
+        assert.equal(await cleanBit(9), 0, "the mark is on disk when FLUSH is answered");
+        const before = (await daemon.query()).logs[0].diskStats!.syncs;
+        await ask(RequestType.CLEAR_REGION, u64(9));
+        await ask(RequestType.FLUSH);
+        const st = await daemon.query();
+        assert.equal(st.logs[0].diskStats!.syncs, before, "a clear-only FLUSH starts no sync");
+        assert.equal(st.node.lazyFlushes, 1);
+        assert.equal(await cleanBit(9), 0, "the clean bit may wait (region only resynced)");
+        await ask(RequestType.PRESUSPEND);
+        await ask(RequestType.POSTSUSPEND);
+        assert.equal(await cleanBit(9), 1, "a suspended log is written out clean");
+      } finally {
+        peer.close();
+        await daemon.stop();
+      }
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -1079,3 +1079,21 @@ Deno.test("apply(is_remote_recovering) answers not recovering once every member 
     ...remoteRecoveringBytes(true, 0),
   ]);
 });
+
+Deno.test("diskDirtied says whether the untaken disk changes include a newly dirty bit", () => {
+  const r = new LogReplica(config(70, { kind: "disk", sync: "nosync" }));
+  ok(r.apply(1, { op: "resume" }));
+  assert.equal(r.diskDirtied, true, "after the first resume the whole image must be written");
+  r.takeDiskChanges();
+  assert.equal(r.diskDirtied, false);
+  ok(r.apply(1, { op: "mark", regions: [3] }));
+  assert.equal(r.diskDirtied, true, "a mark dirties a clean bit");
+  assert.deepEqual(r.takeDiskChanges().words, [0]);
+  ok(r.apply(1, { op: "clear", regions: [3] }));
+  assert.equal(r.diskDirtied, false, "a clear only cleans");
+  assert.deepEqual(r.takeDiskChanges().words, [0], "but the change is still there to write");
+  const core = new LogReplica(config(70, { sync: "nosync" }));
+  ok(core.apply(1, { op: "resume" }));
+  ok(core.apply(1, { op: "mark", regions: [3] }));
+  assert.equal(core.diskDirtied, false, "a core log has no disk");
+});

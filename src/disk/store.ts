@@ -128,6 +128,8 @@ export class DiskStore {
     failures: 0,
   };
   #pending: Batch | undefined;
+  /** Promise of the newest batch (collecting or in flight); it settles after every older one. */
+  #lastBatch: Promise<void> = Promise.resolve();
   #running: Promise<void> | undefined;
   #loading = false;
   #closed = false;
@@ -264,6 +266,7 @@ export class DiskStore {
     }
     this.#stats.writes++;
     const batch = this.#pending ??= new Batch(bytes, nrRegions);
+    this.#lastBatch = batch.done.promise;
     batch.bytes = bytes;
     batch.nrRegions = nrRegions;
     batch.callers++;
@@ -272,6 +275,15 @@ export class DiskStore {
     }
     this.#kick();
     return batch.done.promise;
+  }
+
+  /**
+   * Settles when every write() called so far is durable (or rejects as its batch did), without
+   * starting a sync of its own: for a FLUSH that changed no bit to dirty, which needs only the
+   * marks delivered before it on disk.
+   */
+  settled(): Promise<void> {
+    return this.#lastBatch;
   }
 
   /** Waits for the writes in flight (their promises settle as usual), then closes the device. */

@@ -141,6 +141,8 @@ export class LogReplica implements LogReplicaLike {
   // Local bookkeeping, not replicated state (not in the digest or checkpoint):
   readonly #dirtyWords = new Set<number>();
   #allDirty = false;
+  /** A clean bit went to dirty (a mark) since the last take: the next flush must sync. */
+  #dirtied = false;
   /** Every region below this is in sync (a cache for the in_sync_hint). */
   #lowOutOfSync = 0;
 
@@ -353,8 +355,19 @@ export class LogReplica implements LogReplicaLike {
       words = [...this.#dirtyWords].sort(ascending);
     }
     this.#allDirty = false;
+    this.#dirtied = false;
     this.#dirtyWords.clear();
     return { words };
+  }
+
+  /**
+   * True when the disk changes not yet taken include a bit that went from clean to dirty (or
+   * the whole image must be written). Only then must a FLUSH wait for a new write and sync;
+   * clean bits may reach the disk later, like the kernel's disk log, which skips the cache
+   * flush when no bit was dirtied (a region left dirty on disk is only resynced).
+   */
+  get diskDirtied(): boolean {
+    return this.#dirtied || this.#allDirty;
   }
 
   /** Word `i` (unsigned) of the on-disk clean bitmap. */
@@ -760,6 +773,7 @@ export class LogReplica implements LogReplicaLike {
   #setDisk(region: number, clean: boolean): void {
     const changed = clean ? this.#disk.set(region) : this.#disk.clear(region);
     if (!changed || this.#allDirty || this.#config.kind !== "clustered-disk") return;
+    if (!clean) this.#dirtied = true;
     this.#dirtyWords.add(region >>> 5);
     if (this.#dirtyWords.size > MAX_DIRTY_WORDS) {
       this.#allDirty = true;
