@@ -78,7 +78,11 @@ function setSync(r: LogReplica, node: NodeId, region: number, inSync = true): vo
   ok(r.apply(node, { op: "set_region_sync", region, inSync }));
 }
 
+/** The clean-image bit of `region`: stored for disk logs, derived (is_clean) for core logs. */
 function diskBit(r: LogReplica, region: number): boolean {
+  if (r.config.kind === "clustered-core") {
+    return readS64(ok(r.apply(1, { op: "is_clean", region })).data!) === 1;
+  }
   return ((r.diskWord(region >>> 5) >>> (region & 31)) & 1) === 1;
 }
 
@@ -1096,4 +1100,15 @@ Deno.test("diskDirtied says whether the untaken disk changes include a newly dir
   ok(core.apply(1, { op: "resume" }));
   ok(core.apply(1, { op: "mark", regions: [3] }));
   assert.equal(core.diskDirtied, false, "a core log has no disk");
+});
+
+Deno.test("a clustered-core log keeps no disk image; its clean count is derived", () => {
+  const r = new LogReplica(config(70, { sync: "nosync" }));
+  ok(r.apply(1, { op: "resume" }));
+  ok(r.apply(1, { op: "mark", regions: [1, 2] }));
+  ok(r.apply(2, { op: "mark", regions: [2] }));
+  assert.equal(r.stats().cleanCount, 68);
+  assert.throws(() => r.diskBytes(), /no disk image/);
+  assert.deepEqual(r.takeDiskChanges().words, []);
+  assert.equal(r.checkInvariants(), undefined);
 });

@@ -126,7 +126,11 @@ export class LogReplica implements LogReplicaLike {
   readonly #regionCount: number;
   readonly #sync: Bitmap;
   /** The on-disk clean image: always `sync & ~marked`. */
-  readonly #disk: Bitmap;
+  /**
+   * The on-disk clean image, `sync & ~marked`, kept for clustered-disk logs only: a core log
+   * derives it (2 MiB saved at 2^24 regions).
+   */
+  readonly #disk: Bitmap | null;
   #syncCount = 0;
   #initialized = false;
   #latch = false;
@@ -172,7 +176,7 @@ export class LogReplica implements LogReplicaLike {
     this.#config = config;
     this.#regionCount = regionCount;
     this.#sync = new Bitmap(regionCount);
-    this.#disk = new Bitmap(regionCount);
+    this.#disk = kind === "clustered-disk" ? new Bitmap(regionCount) : null;
   }
 
   /**
@@ -185,7 +189,7 @@ export class LogReplica implements LogReplicaLike {
     for (const set of this.#marks.values()) marks += set.size;
     return {
       syncCount: this.#syncCount,
-      cleanCount: this.#initialized ? this.#disk.popcount() : 0,
+      cleanCount: this.#initialized ? this.#cleanCount() : 0,
       marks,
       diskFailed: this.#diskFailed,
       members: [...this.#members.keys()].sort(ascending),
@@ -349,7 +353,7 @@ export class LogReplica implements LogReplicaLike {
   takeDiskChanges(): DiskChanges {
     let words: number[];
     if (this.#allDirty) {
-      words = new Array<number>(this.#disk.wordCount);
+      words = new Array<number>(this.#diskImage().wordCount);
       for (let i = 0; i < words.length; i++) words[i] = i;
     } else {
       words = [...this.#dirtyWords].sort(ascending);
@@ -372,10 +376,11 @@ export class LogReplica implements LogReplicaLike {
 
   /** Word `i` (unsigned) of the on-disk clean bitmap. */
   diskWord(i: number): number {
-    if (!Number.isInteger(i) || i < 0 || i >= this.#disk.wordCount) {
-      throw new RangeError(`Disk word ${i} is outside 0..${this.#disk.wordCount - 1}`);
+    const disk = this.#diskImage();
+    if (!Number.isInteger(i) || i < 0 || i >= disk.wordCount) {
+      throw new RangeError(`Disk word ${i} is outside 0..${disk.wordCount - 1}`);
     }
-    return this.#disk.word(i);
+    return disk.word(i);
   }
 
   /**
@@ -383,7 +388,7 @@ export class LogReplica implements LogReplicaLike {
    * view on little-endian hosts: copy it before applying more ops if you need it to stay put.
    */
   diskBytes(): Uint8Array {
-    return this.#disk.bytes();
+    return this.#diskImage().bytes();
   }
 
   /**
@@ -411,7 +416,7 @@ export class LogReplica implements LogReplicaLike {
     d.u32(this.#priority.length);
     for (const r of this.#priority) d.u32(r);
     d.words(this.#sync.words);
-    d.words(this.#disk.words);
+    if (this.#disk !== null) d.words(this.#disk.words);
     return d.hex();
   }
 
@@ -505,7 +510,7 @@ export class LogReplica implements LogReplicaLike {
    */
   checkInvariants(): string | undefined {
     const n = this.#regionCount;
-    if (!this.#sync.paddingIsClear() || !this.#disk.paddingIsClear()) {
+    if (!this.#sync.paddingIsClear() || this.#disk?.paddingIsClear() === false) {
       return "Bitmap padding bits set";
     }
     const popcount = this.#sync.popcount();
@@ -530,7 +535,7 @@ export class LogReplica implements LogReplicaLike {
         return `Region ${r}: mark count ${this.#markCounts.get(r)} but ${c} marks`;
       }
     }
-    for (let w = 0; w < this.#disk.wordCount; w++) {
+    for (let w = 0; this.#disk !== null && w < this.#disk.wordCount; w++) {
       let expect = this.#sync.word(w);
       if (expect !== 0) {
         for (let b = 0; b < 32; b++) {
@@ -598,8 +603,10 @@ export class LogReplica implements LogReplicaLike {
       this.#sync.loadBytes(image.cleanBits, image.nrRegions);
     }
     this.#syncCount = this.#sync.popcount();
-    this.#disk.copyFrom(this.#sync);
-    for (const r of this.#markCounts.keys()) this.#disk.clear(r);
+    if (this.#disk !== null) {
+      this.#disk.copyFrom(this.#sync);
+      for (const r of this.#markCounts.keys()) this.#disk.clear(r);
+    }
     this.#latch = this.#syncCount === this.#regionCount;
     this.#lowOutOfSync = 0;
     this.#priority = this.#priority.filter((r) => !this.#sync.get(r));
@@ -693,6 +700,22 @@ export class LogReplica implements LogReplicaLike {
 
   // ---- helpers ----
 
+  /** The disk image; only clustered-disk logs have one. */
+  #diskImage(): Bitmap {
+    if (this.#disk === null) {
+      throw new Error(`Log ${this.#config.uuid} is clustered-core: no disk image`);
+    }
+    return this.#disk;
+  }
+
+  /** Regions in sync and unmarked. */
+  #cleanCount(): number {
+    if (this.#disk !== null) return this.#disk.popcount();
+    let markedInSync = 0;
+    for (const r of this.#markCounts.keys()) if (this.#sync.get(r)) markedInSync++;
+    return this.#syncCount - markedInSync;
+  }
+
   #isClean(region: number): boolean {
     return this.#sync.get(region) && !this.#markCounts.has(region);
   }
@@ -771,8 +794,9 @@ export class LogReplica implements LogReplicaLike {
   }
 
   #setDisk(region: number, clean: boolean): void {
+    if (this.#disk === null) return; // a core log has no disk image
     const changed = clean ? this.#disk.set(region) : this.#disk.clear(region);
-    if (!changed || this.#allDirty || this.#config.kind !== "clustered-disk") return;
+    if (!changed || this.#allDirty) return;
     if (!clean) this.#dirtied = true;
     this.#dirtyWords.add(region >>> 5);
     if (this.#dirtyWords.size > MAX_DIRTY_WORDS) {
@@ -945,8 +969,10 @@ export class LogReplica implements LogReplicaLike {
     this.#latch = (flags & FLAG_LATCH) !== 0;
     this.#diskFailed = (flags & FLAG_DISK_FAILED) !== 0;
     this.#searchPos = searchPos;
-    this.#disk.copyFrom(this.#sync);
-    for (const region of this.#markCounts.keys()) this.#disk.clear(region);
+    if (this.#disk !== null) {
+      this.#disk.copyFrom(this.#sync);
+      for (const region of this.#markCounts.keys()) this.#disk.clear(region);
+    }
     this.#lowOutOfSync = 0;
     this.#allDirty = this.#config.kind === "clustered-disk";
     if (this.digest() !== digest) throw new CheckpointError("digest mismatch");
