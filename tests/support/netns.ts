@@ -194,9 +194,10 @@ async function withTimeout<T>(promise: Promise<T>, ms: number): Promise<T | unde
 
 // Unread pipes of a killed child would keep the test's resources open.
 async function cancelPipes(child: Deno.ChildProcess): Promise<void> {
-  for (const stream of [child.stdout, child.stderr]) {
+  for (const which of ["stdout", "stderr"] as const) {
     try {
-      await stream.cancel();
+      // The getter itself throws for a stream that is not piped.
+      await child[which].cancel();
     } catch {
       // Not piped, or already consumed by the test.
     }
