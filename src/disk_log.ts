@@ -13,10 +13,11 @@ export interface DiskLog {
   readonly kernelName: string;
   /** Read the log area and interpret it by the kernel's rules. */
   load(sync: SyncMode): Promise<{ image?: DiskImage; warning?: string }>;
-  /** Write the changed words of `bytes` (the whole clean bitmap) and make them durable. */
-  write(bytes: Uint8Array, changes: DiskChanges): Promise<void>;
-  /** Settles when every write so far is durable (rejects if its batch failed); starts none. */
-  settled(): Promise<void>;
+  /**
+   * Write the changed words of `bytes` (the whole clean bitmap) and make them durable; with
+   * `sync: false` (clean bits only) written, not synced. Settles after every earlier write.
+   */
+  write(bytes: Uint8Array, changes: DiskChanges, options?: { sync?: boolean }): Promise<void>;
   /** Close the device once every write settled. */
   close(): Promise<void>;
   /** "path (major:minor)" for log lines and status. */

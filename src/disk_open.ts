@@ -21,8 +21,7 @@ export async function openDiskLog(config: LogConfig): Promise<DiskLog> {
   return {
     kernelName: device.name,
     load: (sync) => store.load(sync),
-    write: (bytes, changes) => store.write(bytes, changes, config.regionCount),
-    settled: () => store.settled(),
+    write: (bytes, changes, options) => store.write(bytes, changes, config.regionCount, options),
     close: () => store.close(),
     describe: () => label,
     stats: () => ({ ...store.stats }),

@@ -243,13 +243,17 @@ export class Node {
     const flushing = result.needsDurable === true && slot.disk !== null && result.errno === 0;
     const suspending = op.op === "postsuspend" && slot.disk !== null && result.errno === 0;
     if (flushing && !slot.replica.diskDirtied) {
-      // Invariant 7 needs only the marks delivered before this FLUSH on disk, and they were
-      // handed to the store by earlier FLUSHes: wait for those writes, start no sync. The clean
-      // bits go out with the next FLUSH that marks, or at POSTSUSPEND (the kernel's disk log,
-      // too, skips the cache flush when nothing was dirtied).
+      // Invariant 7 needs only the marks delivered before this FLUSH on disk, and earlier
+      // FLUSHes handed them to the store, whose batches complete in order. This one only cleans:
+      // its bits are written (a daemon crash keeps them, in the page cache) but not synced, like
+      // the kernel's disk log, which skips the cache flush when nothing was dirtied. Writing
+      // them matters: a restarted daemon reading stale dirty bits would send writes to one leg
+      // until the kernel's next suspend/resume lets it resync (seen under qemu).
       this.stats.durableWaits++;
       this.stats.lazyFlushes++;
-      this.#afterDisk(request, result, slot, slot.disk!.settled());
+      const changes = slot.replica.takeDiskChanges();
+      const write = slot.disk!.write(slot.replica.diskBytes(), changes, { sync: false });
+      this.#afterDisk(request, result, slot, write);
       return;
     }
     if (flushing || suspending) {

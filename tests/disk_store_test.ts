@@ -558,3 +558,28 @@ Deno.test({
     });
   },
 });
+
+Deno.test("write() with sync: false writes the blocks but issues no fdatasync", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "clogd-store-lazy-" });
+  try {
+    const path = `${dir}/log.img`;
+    await Deno.writeFile(path, new Uint8Array(64 * 1024));
+    const device = resolveLogDevice(path);
+    const store = await DiskStore.open(device, { regionCount: 1024 });
+    await store.load("nosync");
+    const bytes = new Uint8Array(128).fill(0xff);
+    await store.write(bytes, { words: [] }, 1024); // first write: whole area, synced
+    const synced = store.stats.syncs;
+    bytes[3] = 0x7f; // region 31 dirty
+    await store.write(bytes, { words: [0] }, 1024, { sync: false });
+    assert.equal(store.stats.syncs, synced, "no sync for a lazy write");
+    const onDisk = await Deno.readFile(path);
+    assert.equal(onDisk[1024 + 3], 0x7f, "but the block is written");
+    bytes[3] = 0x3f;
+    await store.write(bytes, { words: [0] }, 1024);
+    assert.equal(store.stats.syncs, synced + 1, "a default write syncs");
+    await store.close();
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});

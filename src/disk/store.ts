@@ -96,6 +96,8 @@ class Batch {
   /** Logical blocks holding changed words. */
   readonly blocks = new Set<number>();
   callers = 0;
+  /** Some caller needs the batch on stable storage (fdatasync), not only written. */
+  sync = false;
   bytes: Uint8Array;
   nrRegions: number;
   readonly done: PromiseWithResolvers<void> = Promise.withResolvers<void>();
@@ -128,8 +130,6 @@ export class DiskStore {
     failures: 0,
   };
   #pending: Batch | undefined;
-  /** Promise of the newest batch (collecting or in flight); it settles after every older one. */
-  #lastBatch: Promise<void> = Promise.resolve();
   #running: Promise<void> | undefined;
   #loading = false;
   #closed = false;
@@ -244,7 +244,12 @@ export class DiskStore {
    * this call completed (or at once when nothing differs from what is durable); rejects with an
    * Error naming the device when the write or sync failed ({@link failed} is then set).
    */
-  write(bytes: Uint8Array, changes: DiskChanges, nrRegions: number): Promise<void> {
+  write(
+    bytes: Uint8Array,
+    changes: DiskChanges,
+    nrRegions: number,
+    options: { sync?: boolean } = {},
+  ): Promise<void> {
     try {
       this.#checkOpen();
       if (bytes.length !== this.#bitmapLength) {
@@ -266,24 +271,15 @@ export class DiskStore {
     }
     this.#stats.writes++;
     const batch = this.#pending ??= new Batch(bytes, nrRegions);
-    this.#lastBatch = batch.done.promise;
     batch.bytes = bytes;
     batch.nrRegions = nrRegions;
     batch.callers++;
+    if (options.sync !== false) batch.sync = true;
     for (const word of changes.words) {
       batch.blocks.add(Math.floor((HEADER_AREA_BYTES + word * 4) / this.#blockSize));
     }
     this.#kick();
     return batch.done.promise;
-  }
-
-  /**
-   * Settles when every write() called so far is durable (or rejects as its batch did), without
-   * starting a sync of its own: for a FLUSH that changed no bit to dirty, which needs only the
-   * marks delivered before it on disk.
-   */
-  settled(): Promise<void> {
-    return this.#lastBatch;
   }
 
   /** Waits for the writes in flight (their promises settle as usual), then closes the device. */
@@ -343,7 +339,11 @@ export class DiskStore {
     try {
       if (blocks.length > 0) {
         await this.#writeBlocks(blocks);
-        await this.#sync();
+        // A batch of clean bits only is written but not synced (the kernel's disk log skips the
+        // cache flush likewise): it survives a daemon crash in the page cache, and after a power
+        // loss the region reads dirty and is resynced. The header goes out after a synced
+        // bitmap, always.
+        if (batch.sync || full || writeHeader) await this.#sync();
       }
       if (writeHeader) {
         this.#staging.set(encodeHeader(batch.nrRegions), 0);
