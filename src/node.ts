@@ -137,6 +137,10 @@ export class Node {
   /** Handle one decoded kernel request. Never throws. */
   handle(request: Request): void {
     this.stats.requests++;
+    this.#dispatch(request);
+  }
+
+  #dispatch(request: Request): void {
     try {
       this.#handle(request);
     } catch (err) {
@@ -172,8 +176,7 @@ export class Node {
     }
     if (slot.opening !== null) {
       // The kernel sends nothing else before the CTR is answered; a user peer might. Wait for it.
-      slot.opening.then(() => this.handle(request));
-      this.stats.requests--;
+      slot.opening.then(() => this.#dispatch(request));
       return;
     }
     switch (request.type) {

@@ -24,7 +24,7 @@
  * @module
  */
 
-import type { NodeId } from "../log/types.ts";
+import type { NodeId, Op } from "../log/types.ts";
 import { MAX_REGIONS_PER_REQUEST } from "../kernel/protocol.ts";
 
 /** "CLM1" read as a little-endian u32: first four bytes of every cluster message. */
@@ -108,22 +108,9 @@ const OP_NAMES: Record<number, OpName> = Object.fromEntries(
  * the log's members at that point in the order.
  */
 export type WireOp =
+  | Exclude<Op, { op: "resume" } | { op: "disk_failed" }>
   /** `join`: the sender did not hold the log when it sent this (non-holders answer with a nack). */
   | { op: "resume"; join: boolean }
-  | { op: "presuspend" }
-  | { op: "postsuspend" }
-  | { op: "get_region_size" }
-  | { op: "is_clean"; region: number }
-  | { op: "in_sync"; region: number }
-  | { op: "flush"; marks: number[] }
-  | { op: "mark"; regions: number[] }
-  | { op: "clear"; regions: number[] }
-  | { op: "get_resync_work" }
-  | { op: "set_region_sync"; region: number; inSync: boolean }
-  | { op: "get_sync_count" }
-  | { op: "status_info" }
-  | { op: "status_table" }
-  | { op: "is_remote_recovering"; region: number }
   | { op: "leave" };
 
 /** One item of a batch. */

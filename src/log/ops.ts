@@ -11,6 +11,7 @@
  * @module
  */
 
+import { readU64 as codecReadU64, U64_OUT_OF_RANGE } from "../kernel/codec.ts";
 import {
   Errno,
   MAX_REGIONS_PER_REQUEST,
@@ -38,13 +39,13 @@ export function isOpParseError(result: Op | OpParseError): result is OpParseErro
   return "errno" in result;
 }
 
-/** Reads a little-endian `u64` as a number, mapping values of 2^53 and above to {@link REGION_OUT_OF_RANGE}. */
+/**
+ * Reads a `u64` as a number (the codec's reader), mapping values of 2^53 and above, and bytes
+ * past the end, to {@link REGION_OUT_OF_RANGE}, which no log accepts.
+ */
 export function readU64(bytes: Uint8Array, offset = 0): number {
-  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-  const lo = view.getUint32(offset, true);
-  const hi = view.getUint32(offset + 4, true);
-  if (hi >= 0x200000) return REGION_OUT_OF_RANGE;
-  return hi * 0x100000000 + lo;
+  const v = codecReadU64(bytes, offset);
+  return v === U64_OUT_OF_RANGE ? REGION_OUT_OF_RANGE : v;
 }
 
 /** Reads a little-endian `s64` as a number (values outside the safe range are clamped to it). */
