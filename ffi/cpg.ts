@@ -160,26 +160,30 @@ export const LIBCPG_PATH_ENV = "CLOGD_LIBCPG";
 /** Default libcpg: corosync 3's soname, found by the dynamic loader. */
 export const DEFAULT_LIBCPG_PATH = "libcpg.so.4";
 
-let loaded: Libcpg | undefined;
+// One handle per path: a daemon loads one library, tests may load another through the override.
+const loaded = new Map<string, Libcpg>();
 
 /**
- * libcpg's symbols, loaded on the first call.
+ * libcpg's symbols, loaded on the first call for a path. `path` defaults to
+ * `$CLOGD_LIBCPG`, else {@link DEFAULT_LIBCPG_PATH}.
  *
  * @throws Error naming the library path that failed to load, with the loader's error as cause
  */
-export function libcpg(): Libcpg {
-  if (loaded === undefined) {
-    const path = Deno.env.get(LIBCPG_PATH_ENV) || DEFAULT_LIBCPG_PATH;
+export function libcpg(path?: string): Libcpg {
+  const resolved = path || Deno.env.get(LIBCPG_PATH_ENV) || DEFAULT_LIBCPG_PATH;
+  let lib = loaded.get(resolved);
+  if (lib === undefined) {
     try {
-      loaded = Deno.dlopen(path, symbols).symbols;
+      lib = Deno.dlopen(resolved, symbols).symbols;
     } catch (cause) {
       throw new Error(
-        `Failed to load corosync's CPG library from "${path}" (install libcpg4, or set ${LIBCPG_PATH_ENV} to override)`,
+        `Failed to load corosync's CPG library from "${resolved}" (install libcpg4, or set ${LIBCPG_PATH_ENV} to override)`,
         { cause },
       );
     }
+    loaded.set(resolved, lib);
   }
-  return loaded;
+  return lib;
 }
 
 // ---- Constants (<corosync/corotypes.h>, <corosync/cpg.h>) ----
@@ -556,11 +560,14 @@ export class CpgHandle implements Disposable {
   /**
    * Connects to the corosync of this process's network namespace.
    *
+   * `libPath` overrides the library's path (see {@link libcpg}).
+   *
    * @throws CpgError from cpg_model_initialize (CS_ERR_LIBRARY while corosync is not running or
    *   still starting) or cpg_fd_get
+   * @throws Error if the library does not load
    */
-  static open(callbacks: CpgCallbacks): CpgHandle {
-    const self = new CpgHandle(libcpg(), callbacks);
+  static open(callbacks: CpgCallbacks, options: { libPath?: string } = {}): CpgHandle {
+    const self = new CpgHandle(libcpg(options.libPath), callbacks);
     try {
       self.#connect();
     } catch (error) {

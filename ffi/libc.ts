@@ -419,10 +419,14 @@ export const EPERM = 1;
 export const EINTR = 4;
 /** Bad file descriptor. */
 export const EBADF = 9;
+/** Bad address (a pointer outside the process). */
+export const EFAULT = 14;
 /** Try again (nothing to read, or no room to queue a send on a nonblocking socket). */
 export const EAGAIN = 11;
 /** Invalid argument. */
 export const EINVAL = 22;
+/** Not a socket. */
+export const ENOTSOCK = 88;
 /** No buffer space: on a netlink receive, datagrams were dropped because we fell behind. */
 export const ENOBUFS = 105;
 /** Connection refused: a netlink unicast to a port id nobody holds. */

@@ -10,14 +10,22 @@ import { NetlinkSocket } from "./kernel/netlink.ts";
 import { EventLoop } from "./loop.ts";
 import { KernelLink } from "./kernel/link.ts";
 import type { LayoutMode } from "./kernel/codec.ts";
-import { LocalBus } from "./bus/local.ts";
+import { LocalTransport } from "./bus/local.ts";
+import { CpgTransport } from "./bus/cpg.ts";
+import type { ClusterTransport } from "./bus/transport.ts";
 import { Node } from "./node.ts";
 import { ControlServer } from "./control.ts";
 import { openDiskLog } from "./disk_open.ts";
 
 /** Daemon options (from `clogd serve`). */
 export interface DaemonOptions {
-  mode: "standalone";
+  /**
+   * "cluster": order every log over corosync CPG (corosync must be running); "standalone": this
+   * node alone orders its logs; "auto": cluster when corosync answers, else refuse to start.
+   */
+  mode: "standalone" | "cluster" | "auto";
+  /** CPG group name (every node of the cluster must use the same). */
+  group: string;
   acceptUserPeers: boolean;
   logLevel: Level;
   controlPath: string;
@@ -36,21 +44,27 @@ export const ExitCode = {
   CONTROL: 4,
   PIDFILE: 5,
   INTERNAL: 6,
+  CLUSTER: 7,
 } as const;
 
 /** Run the daemon until told to stop; returns the exit code. */
 export async function runDaemon(opts: DaemonOptions): Promise<number> {
   const log = new Logger(opts.logLevel);
   const started = Date.now();
-  log.info(
-    `clogd ${Deno.pid} starting in standalone mode (--standalone given: this node alone orders its logs)`,
-  );
+  const loop = new EventLoop();
+  const transport = openTransport(opts, loop, log);
+  if (transport === null) {
+    loop.close();
+    return ExitCode.CLUSTER;
+  }
 
   let sock: NetlinkSocket;
   try {
     sock = new NetlinkSocket({ role: "daemon" });
   } catch (err) {
     log.error(`Cannot open the netlink connector socket: ${(err as Error).message}`);
+    transport.close();
+    loop.close();
     return ExitCode.NETLINK;
   }
   log.info(
@@ -59,8 +73,6 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
     }`,
   );
 
-  const loop = new EventLoop();
-  const bus = new LocalBus(1);
   let retryTimer: ReturnType<typeof setTimeout> | null = null;
   // deno-lint-ignore prefer-const
   let link: KernelLink;
@@ -73,7 +85,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
     }, 1);
   };
   const node = new Node({
-    bus,
+    transport,
     logger: log,
     io: {
       reply: (request, reply) => {
@@ -95,17 +107,25 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
   loop.watch(sock.fd, () => {
     link.drain();
   });
-  // Deliver what this turn submitted before the next poll: replies go out in the same turn.
-  loop.onTurn(() => bus.flush());
+  // Batch what this turn's requests queued into cluster messages before the next poll, and
+  // (standalone) deliver them: replies go out in the same turn.
+  loop.onTurn(() => {
+    node.flush();
+    if (transport instanceof LocalTransport) transport.flush();
+  });
+  node.start();
 
   const statusOf = () => ({
     pid: Deno.pid,
-    mode: bus.kind,
+    mode: node.mode,
     nodeId: node.nodeId,
+    connected: node.connected,
     uptimeSeconds: (Date.now() - started) / 1000,
     logs: node.status(),
     kernelLink: { ...link.stats, ...sock.stats },
-    node: { ...node.stats, pending: node.pendingCount, busBatches: bus.batches },
+    node: { ...node.stats, pending: node.pendingCount },
+    cluster: { ...node.clusterStats },
+    transport: transport.stats(),
   });
 
   let control: ControlServer;
@@ -114,6 +134,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
   } catch (err) {
     log.error(`Cannot listen on control socket ${opts.controlPath}: ${(err as Error).message}`);
     sock.close();
+    transport.close();
     return ExitCode.CONTROL;
   }
 
@@ -126,6 +147,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
       log.error(`Cannot write pidfile ${opts.pidfile}: ${(err as Error).message}`);
       await control.close();
       sock.close();
+      transport.close();
       return ExitCode.PIDFILE;
     }
   }
@@ -176,4 +198,45 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
   }
   log.info(`clogd ${Deno.pid} stopped`);
   return code;
+}
+
+/**
+ * The transport for `opts.mode`, or null (logged) when the daemon must not start. A node that
+ * shares mirrors with others must never order its logs alone: their states would diverge and a
+ * region another node writes could be reported clean. So without --standalone, a corosync that
+ * does not answer is an error, not a reason to fall back.
+ */
+function openTransport(opts: DaemonOptions, loop: EventLoop, log: Logger): ClusterTransport | null {
+  if (opts.mode === "standalone") {
+    let corosync = false;
+    try {
+      CpgTransport.connect({ loop, group: opts.group, logger: log }).close();
+      corosync = true;
+    } catch { /* not running: as expected */ }
+    log.info(
+      `clogd ${Deno.pid} starting in standalone mode (--standalone given: this node alone orders its logs)`,
+    );
+    if (corosync) {
+      log.warn(
+        "corosync is running on this node, yet --standalone was given: these logs are NOT " +
+          "coordinated with any other node; never activate a mirror served this way on two nodes",
+      );
+    }
+    return new LocalTransport(1);
+  }
+  try {
+    const t = CpgTransport.connect({ loop, group: opts.group, logger: log });
+    log.info(
+      `clogd ${Deno.pid} starting in cluster mode: corosync answered, node id ${t.nodeId}, ` +
+        `CPG group "${opts.group}"${opts.mode === "auto" ? " (default when corosync runs)" : ""}`,
+    );
+    return t;
+  } catch (err) {
+    log.error(
+      `Cluster mode needs corosync, which did not answer: ${(err as Error).message}. ` +
+        "Start corosync (systemctl start corosync), or pass --standalone if no other node " +
+        "shares this node's mirrors",
+    );
+    return null;
+  }
 }

@@ -1,34 +1,42 @@
 /**
- * The node: turns decoded kernel requests into ordered bus entries, applies what the bus
- * delivers to the log replicas, and answers its own kernel's requests from its own replica once
- * they come back in the order (one ordered message per request).
+ * The node: the I/O shell around the pure {@link ClusterCore}. It turns decoded kernel requests
+ * into core requests, carries out the core's effects (answer the kernel, multicast on the
+ * transport, write the disk log) and feeds back what happens (deliveries, membership changes,
+ * finished disk writes, ticks).
  *
- * I/O enters here only through injected functions (send a reply, open a disk log), so the same
- * code runs over the real netlink socket, in tests and in the simulator.
+ * The same node runs standalone (over {@link LocalTransport}: this node is the whole group) and
+ * in a cluster (over corosync CPG): one code path, the one the simulator checks.
+ *
+ * The node keeps what is local to this machine: the kernel's log instances (uuid + luid), their
+ * CTR arguments, and their open disk log devices. Instances of one log (same uuid and geometry:
+ * a table reload constructs the new table's log before the old one is destroyed) share one
+ * cluster log; the cluster hears of this node leaving it only when the last instance goes.
  *
  * @module
  */
 
 import { Errno, logKey, type Reply, type Request, RequestType } from "./kernel/protocol.ts";
 import { requestTypeName } from "./kernel/protocol.ts";
-import type { Entry, OrderedBus } from "./bus/types.ts";
-import type { LogConfig, NodeId, Op, OpResult } from "./log/types.ts";
+import type { LogConfig, NodeId, OpResult } from "./log/types.ts";
 import { LogReplica } from "./log/replica.ts";
+import { Digest } from "./log/digest.ts";
 import { parseCtr } from "./log/ctr.ts";
 import { parseOp } from "./log/ops.ts";
 import { ctrString } from "./kernel/codec.ts";
 import type { Logger } from "./logger.ts";
 import type { DiskLog, OpenDiskLog } from "./disk_log.ts";
+import {
+  CLUSTER_TICK_MS,
+  ClusterCore,
+  type ClusterOp,
+  type ClusterOptions,
+  type Effect,
+  MAX_LOGS,
+  MAX_PENDING_REQUESTS,
+} from "./cluster/core.ts";
+import type { ClusterTransport } from "./bus/transport.ts";
 
-/**
- * Most kernel requests waiting for their turn in the order or for the disk. The kernel has at
- * most one request in flight per calling thread, so this is never reached by a real kernel; a
- * runaway user peer gets -EAGAIN instead of growing memory without bound.
- */
-export const MAX_PENDING_REQUESTS = 65_536;
-
-/** Most logs one daemon serves (each CTR beyond this gets -ENOMEM). */
-export const MAX_LOGS = 4096;
+export { MAX_LOGS, MAX_PENDING_REQUESTS };
 
 /** What the node needs from the outside world. */
 export interface NodeIo {
@@ -38,20 +46,20 @@ export interface NodeIo {
   openDisk: OpenDiskLog;
 }
 
-/** Lifecycle of one log on this node. */
-export type LogState = "opening" | "constructed" | "resumed" | "suspended";
+/** Lifecycle of one log instance on this node. */
+export type LogState = "opening" | "constructed" | "resumed" | "suspended" | "destroying";
 
-/** One log this node serves. */
+/** One log instance the kernel constructed on this node. */
 interface LogSlot {
+  /** uuid + luid: the kernel's instance. */
   key: string;
+  /** The cluster-wide log (same on every node): see {@link clusterKey}. */
+  clusterKey: string;
   config: LogConfig;
   state: LogState;
-  replica: LogReplica;
   disk: DiskLog | null;
   /** Set while a clustered-disk log's device is being opened. */
   opening: Promise<void> | null;
-  /** True once the replica was initialized by a delivered RESUME. */
-  initialized: boolean;
   /** CTR string as received (for the log and status). */
   ctr: string;
   /**
@@ -65,6 +73,7 @@ interface LogSlot {
 interface Pending {
   request: Request;
   slot: LogSlot;
+  op: ClusterOp["op"];
 }
 
 /** Per-node counters for status and benchmarks. */
@@ -73,27 +82,37 @@ export interface NodeStats {
   replies: number;
   errors: number;
   unknownLog: number;
-  /** FLUSHes (and POSTSUSPENDs) of disk logs answered after the disk. */
-  durableWaits: number;
-  /** Of those, FLUSHes that dirtied nothing and so started no sync of their own. */
-  lazyFlushes: number;
+  diskWrites: number;
+  diskWriteErrors: number;
 }
 
 /** Node options. */
 export interface NodeOptions {
-  bus: OrderedBus;
+  transport: ClusterTransport;
   io: NodeIo;
   logger: Logger;
+  cluster?: ClusterOptions;
 }
 
-/** The node: kernel requests in, ordered entries out, replies back. */
+/**
+ * The cluster-wide key of a log: its uuid (luids differ between nodes and between a table's
+ * old and new instance) and its geometry, so that a reload which changes the geometry (a resize)
+ * starts a new log, as the kernel's own logs do.
+ */
+export function clusterKey(config: LogConfig): string {
+  return `${config.uuid}:${config.kind}:${config.regionSize}:${config.regionCount}`;
+}
+
+/** The node: kernel requests in, core effects out, replies back. */
 export class Node {
-  readonly #bus: OrderedBus;
+  readonly #transport: ClusterTransport;
   readonly #io: NodeIo;
   readonly #log: Logger;
+  readonly #core: ClusterCore;
   readonly #logs = new Map<string, LogSlot>();
   readonly #pending = new Map<number, Pending>();
   #nextTag = 1;
+  #ticker: ReturnType<typeof setInterval> | null = null;
   /** Disk writes in flight (awaited on shutdown so nothing acknowledged is lost). */
   readonly #inflightWrites = new Set<Promise<unknown>>();
   readonly stats: NodeStats = {
@@ -101,23 +120,53 @@ export class Node {
     replies: 0,
     errors: 0,
     unknownLog: 0,
-    durableWaits: 0,
-    lazyFlushes: 0,
+    diskWrites: 0,
+    diskWriteErrors: 0,
   };
 
   constructor(options: NodeOptions) {
-    this.#bus = options.bus;
+    this.#transport = options.transport;
     this.#io = options.io;
     this.#log = options.logger;
-    this.#bus.listen({ deliver: (entries) => this.#deliver(entries) });
+    this.#core = new ClusterCore(options.transport.nodeId, options.cluster);
   }
 
-  /** This node's id on the bus. */
+  /** Connect the core to the transport and start the tick. */
+  start(): void {
+    this.#transport.start({
+      deliver: (from, bytes) => this.#run(this.#core.deliver(from, bytes)),
+      confchg: (change) => this.#run(this.#core.confchg(change)),
+      disconnected: (reason) => {
+        this.#log.error(`Cluster transport lost: ${reason}`);
+        this.#run(this.#core.disconnected());
+      },
+    });
+    this.#ticker = setInterval(() => {
+      if (this.#pending.size > 0 || !this.#core.connected) this.#run(this.#core.tick());
+    }, CLUSTER_TICK_MS);
+  }
+
+  /** This node's id in the group. */
   get nodeId(): NodeId {
-    return this.#bus.nodeId;
+    return this.#core.nodeId;
   }
 
-  /** Number of logs known (any state). */
+  /** The transport's kind ("standalone", "corosync"). */
+  get mode(): string {
+    return this.#transport.kind;
+  }
+
+  /** True while this node is a member of the group. */
+  get connected(): boolean {
+    return this.#core.connected;
+  }
+
+  /** The core's counters (messages, batches, checkpoints, disk writes). */
+  get clusterStats(): ClusterCore["stats"] {
+    return this.#core.stats;
+  }
+
+  /** Number of log instances known (any state). */
   get logCount(): number {
     return this.#logs.size;
   }
@@ -129,7 +178,7 @@ export class Node {
     return n;
   }
 
-  /** Requests waiting for order or disk. */
+  /** Requests waiting for the order or the disk. */
   get pendingCount(): number {
     return this.#pending.size;
   }
@@ -138,6 +187,11 @@ export class Node {
   handle(request: Request): void {
     this.stats.requests++;
     this.#dispatch(request);
+  }
+
+  /** Send what the core has queued (call once per event-loop turn, after draining the kernel). */
+  flush(): void {
+    this.#run(this.#core.flush());
   }
 
   #dispatch(request: Request): void {
@@ -157,7 +211,7 @@ export class Node {
   #handle(request: Request): void {
     if (request.type === RequestType.CTR) return this.#ctr(request);
     const slot = this.#find(request);
-    if (slot === undefined) {
+    if (slot === undefined || slot.state === "destroying") {
       if (request.type === RequestType.DTR) {
         // DTR of a log we do not know (e.g. after a restart): nothing to destroy.
         return this.#answer(request, { errno: 0 });
@@ -179,15 +233,7 @@ export class Node {
       slot.opening.then(() => this.#dispatch(request));
       return;
     }
-    switch (request.type) {
-      case RequestType.DTR:
-        return this.#dtr(request, slot);
-      case RequestType.GET_REGION_SIZE: {
-        // Fixed at CTR: answered locally, no order needed.
-        const r = slot.replica.apply(this.nodeId, { op: "get_region_size" });
-        return this.#answer(request, r);
-      }
-    }
+    if (request.type === RequestType.DTR) return this.#dtr(request, slot);
     const parsed = parseOp(request.type, request.payload);
     if ("errno" in parsed) {
       this.#log.limited(
@@ -199,100 +245,92 @@ export class Node {
       );
       return this.#answer(request, { errno: parsed.errno });
     }
-    if (parsed.op === "resume") return this.#resume(request, slot);
+    if (parsed.op === "resume" && slot.disk !== null) return this.#resumeDisk(request, slot);
     this.#submit(request, slot, parsed);
   }
 
-  #submit(request: Request, slot: LogSlot, op: Op): void {
-    if (this.#pending.size >= MAX_PENDING_REQUESTS) {
-      this.#log.limited("warn", "pending-full", `Too many pending requests; answering -EAGAIN`);
-      return this.#answer(request, { errno: Errno.EAGAIN });
-    }
+  #submit(request: Request, slot: LogSlot, op: ClusterOp): void {
     const tag = this.#nextTag;
-    this.#nextTag = this.#nextTag >= 0x3fff_ffff ? 1 : this.#nextTag + 1;
-    this.#pending.set(tag, { request, slot });
-    const entry: Entry = { key: slot.key, node: this.nodeId, tag, op };
-    this.#bus.submit(entry);
+    this.#nextTag = this.#nextTag >= 0xffff_fffe ? 1 : this.#nextTag + 1;
+    this.#pending.set(tag, { request, slot, op: op.op });
+    this.#run(this.#core.request({ key: slot.clusterKey, tag, op, config: slot.config }));
   }
 
-  #deliver(entries: readonly Entry[]): void {
-    for (const entry of entries) {
-      const slot = this.#logs.get(entry.key);
-      const mine = entry.node === this.nodeId ? this.#pending.get(entry.tag) : undefined;
-      if (mine !== undefined) this.#pending.delete(entry.tag);
-      if (slot === undefined || (mine !== undefined && mine.slot !== slot)) {
-        // The log was destroyed (DTR) between submit and delivery.
-        if (mine !== undefined) this.#answer(mine.request, { errno: Errno.ESRCH });
-        continue;
+  /** Carries out the core's effects, in order. */
+  #run(effects: Effect[]): void {
+    for (const e of effects) {
+      switch (e.kind) {
+        case "reply":
+          this.#replied(e.tag, e.result);
+          break;
+        case "mcast":
+          this.#transport.mcast(e.bytes);
+          break;
+        case "diskWrite":
+          this.#diskWrite(e);
+          break;
+        case "log":
+          if (e.level === "debug") this.#log.debug(e.msg);
+          else if (e.level === "info") this.#log.info(e.msg);
+          else if (e.level === "warn") this.#log.warn(e.msg);
+          else this.#log.error(e.msg);
+          break;
       }
-      let result: OpResult;
-      try {
-        result = slot.replica.apply(entry.node, entry.op);
-      } catch (err) {
-        this.#log.error(
-          `Replica error applying ${entry.op.op} to ${slot.config.uuid}: ${errText(err)}`,
-        );
-        result = { errno: Errno.EIO };
-      }
-      if (entry.op.op === "resume" && result.errno === 0) slot.initialized = true;
-      if (mine === undefined) continue;
-      this.#afterApply(mine.request, slot, entry.op, result);
     }
   }
 
-  #afterApply(request: Request, slot: LogSlot, op: Op, result: OpResult): void {
-    if (op.op === "resume" && result.errno === 0) slot.state = "resumed";
-    if (op.op === "postsuspend" && result.errno === 0) slot.state = "suspended";
-    const flushing = result.needsDurable === true && slot.disk !== null && result.errno === 0;
-    const suspending = op.op === "postsuspend" && slot.disk !== null && result.errno === 0;
-    if (flushing && !slot.replica.diskDirtied) {
-      // Invariant 7 needs only the marks delivered before this FLUSH on disk, and earlier
-      // FLUSHes handed them to the store, whose batches complete in order. This one only cleans:
-      // its bits are written (a daemon crash keeps them, in the page cache) but not synced, like
-      // the kernel's disk log, which skips the cache flush when nothing was dirtied. Writing
-      // them matters: a restarted daemon reading stale dirty bits would send writes to one leg
-      // until the kernel's next suspend/resume lets it resync (seen under qemu).
-      this.stats.durableWaits++;
-      this.stats.lazyFlushes++;
-      const changes = slot.replica.takeDiskChanges();
-      const write = slot.disk!.write(slot.replica.diskBytes(), changes, { sync: false });
-      this.#afterDisk(request, result, slot, write);
+  #replied(tag: number, result: OpResult): void {
+    const p = this.#pending.get(tag);
+    if (p === undefined) {
+      this.#log.error(`Internal error: the core answered unknown request ${tag}`);
       return;
     }
-    if (flushing || suspending) {
-      // Invariant 7: answer a FLUSH only when every change delivered before it is durable. A
-      // suspended log is written out whole (clean bits included), so a clean shutdown leaves a
-      // clean log.
-      this.stats.durableWaits++;
-      const changes = slot.replica.takeDiskChanges();
-      this.#afterDisk(request, result, slot, slot.disk!.write(slot.replica.diskBytes(), changes));
-      return;
+    this.#pending.delete(tag);
+    const { request, slot } = p;
+    if (result.errno === 0) {
+      if (p.op === "resume") slot.state = "resumed";
+      if (p.op === "postsuspend") slot.state = "suspended";
     }
-    this.#answer(request, result);
+    if (p.op === "dtr") return this.#destroyed(request, slot);
+    this.#answer(request, { errno: result.errno, data: result.data });
   }
 
-  /** Answer `request` once `write` is durable; a failed write fails the log device (status D). */
-  #afterDisk(request: Request, result: OpResult, slot: LogSlot, write: Promise<void>): void {
+  #diskWrite(e: Extract<Effect, { kind: "diskWrite" }>): void {
+    const disk = this.#diskFor(e.key);
+    if (disk === null) {
+      this.#run(
+        this.#core.diskFailed(e.key, e.token, "no instance of the log has its device open"),
+      );
+      return;
+    }
+    this.stats.diskWrites++;
+    const write = disk.write(e.bytes, e.changes, { sync: e.sync });
     this.#inflightWrites.add(write);
     write.then(
       () => {
         this.#inflightWrites.delete(write);
-        this.#answer(request, result);
+        this.#run(this.#core.diskDurable(e.key, e.token));
       },
       (err) => {
         this.#inflightWrites.delete(write);
-        this.#log.error(`Disk log ${slot.config.device} write failed: ${errText(err)}`);
-        this.#bus.submit({ key: slot.key, node: this.nodeId, tag: 0, op: { op: "disk_failed" } });
-        this.#answer(request, { errno: Errno.EIO });
+        this.stats.diskWriteErrors++;
+        this.#run(this.#core.diskFailed(e.key, e.token, `${disk.describe()}: ${errText(err)}`));
       },
     );
+  }
+
+  /** The open device of the newest instance of cluster log `key`. */
+  #diskFor(key: string): DiskLog | null {
+    let disk: DiskLog | null = null;
+    for (const s of this.#logs.values()) if (s.clusterKey === key && s.disk !== null) disk = s.disk;
+    return disk;
   }
 
   #ctr(request: Request): void {
     const { text, countedNul } = ctrString(request.payload);
     const key = logKey(request.uuid, request.luid);
     const known = this.#logs.get(key);
-    if (known !== undefined) {
+    if (known !== undefined && known.state !== "destroying") {
       // A CTR for a log we already serve: a kernel resend or a re-CTR. Answer without payload
       // (a re-CTR offers no room for one) and keep the state.
       if (known.ctr !== text) {
@@ -314,14 +352,19 @@ export class Node {
       return this.#answer(request, { errno: Errno.EINVAL });
     }
     const config: LogConfig = { ...args, uuid: request.uuid, luid: request.luid };
+    try {
+      new LogReplica(config); // validates the geometry (and its memory) before accepting
+    } catch (err) {
+      this.#log.error(`CTR for ${request.uuid} rejected: ${errText(err)}`);
+      return this.#answer(request, { errno: Errno.EINVAL });
+    }
     const slot: LogSlot = {
       key,
+      clusterKey: clusterKey(config),
       config,
       state: "opening",
-      replica: new LogReplica(config),
       disk: null,
       opening: null,
-      initialized: false,
       ctr: text,
       reconnect: countedNul,
     };
@@ -354,38 +397,51 @@ export class Node {
     );
   }
 
-  #resume(request: Request, slot: LogSlot): void {
-    if (slot.disk !== null && !slot.initialized) {
-      // The first RESUME of a disk log reads the disk before entering the order, so every member
-      // (one, standalone) starts from the same image.
-      const disk = slot.disk;
-      const mode = slot.reconnect ? "default" : slot.config.sync;
-      if (slot.reconnect && slot.config.sync !== "default") {
-        this.#log.info(
-          `Log ${slot.config.uuid} rebuilt by the kernel after a daemon restart: reading its disk log despite "${slot.config.sync}" in the table`,
-        );
-      }
-      disk.load(mode).then(
-        ({ image, warning }) => {
-          if (warning !== undefined) this.#log.warn(`Disk log ${disk.describe()}: ${warning}`);
-          this.#submit(request, slot, { op: "resume", diskImage: image });
-        },
-        (err) => {
-          this.#log.error(
-            `Disk log ${disk.describe()} unreadable: ${errText(err)}; every region out of sync`,
-          );
-          this.#submit(request, slot, {
-            op: "resume",
-            diskImage: { nrRegions: 0, cleanBits: new Uint8Array(0), failed: true },
-          });
-        },
-      );
-      return;
+  /**
+   * A disk log's RESUME on a node that does not hold the log reads the disk first: if nobody in
+   * the cluster holds it, this node initializes it from what the disk says. A member resumes
+   * from the cluster's state (the disk is only as new as the last flush).
+   */
+  #resumeDisk(request: Request, slot: LogSlot): void {
+    if (this.#core.logStatus(slot.clusterKey) === "member") {
+      return this.#submit(request, slot, { op: "resume" });
     }
-    this.#submit(request, slot, { op: "resume" });
+    const disk = slot.disk!;
+    const mode = slot.reconnect ? "default" : slot.config.sync;
+    if (slot.reconnect && slot.config.sync !== "default") {
+      this.#log.info(
+        `Log ${slot.config.uuid} rebuilt by the kernel after a daemon restart: reading its disk log despite "${slot.config.sync}" in the table`,
+      );
+    }
+    disk.load(mode).then(
+      ({ image, warning }) => {
+        if (warning !== undefined) this.#log.warn(`Disk log ${disk.describe()}: ${warning}`);
+        this.#submit(request, slot, { op: "resume", diskImage: image });
+      },
+      (err) => {
+        this.#log.error(
+          `Disk log ${disk.describe()} unreadable: ${errText(err)}; every region out of sync`,
+        );
+        this.#submit(request, slot, {
+          op: "resume",
+          diskImage: { nrRegions: 0, cleanBits: new Uint8Array(0), failed: true },
+        });
+      },
+    );
   }
 
   #dtr(request: Request, slot: LogSlot): void {
+    slot.state = "destroying";
+    const shared = [...this.#logs.values()].some((s) =>
+      s !== slot && s.clusterKey === slot.clusterKey && s.state !== "destroying"
+    );
+    // Another instance of the log (a reloaded table) keeps this node in the cluster log.
+    if (shared) return this.#destroyed(request, slot);
+    this.#submit(request, slot, { op: "dtr" });
+  }
+
+  /** The core let go of the instance (or another instance keeps the log): close and answer. */
+  #destroyed(request: Request, slot: LogSlot): void {
     this.#logs.delete(slot.key);
     this.#log.info(`Log ${slot.config.uuid} destroyed`);
     const disk = slot.disk;
@@ -418,34 +474,43 @@ export class Node {
     while (this.#inflightWrites.size > 0) await Promise.allSettled([...this.#inflightWrites]);
   }
 
-  /** Close every disk log (after {@link drain}). */
+  /** Stop the tick, leave the group, close every disk log (after {@link drain}). */
   async close(): Promise<void> {
+    if (this.#ticker !== null) clearInterval(this.#ticker);
+    this.#ticker = null;
     await this.drain();
+    this.#transport.close();
     for (const slot of this.#logs.values()) {
       if (slot.disk !== null) await slot.disk.close().catch(() => {});
     }
   }
 
-  /** Status of every log, for `clogd status` and the SIGUSR1 dump. */
+  /** Status of every log instance, for `clogd status` and the SIGUSR2 dump. */
   status(): LogStatus[] {
     const out: LogStatus[] = [];
     for (const slot of this.#logs.values()) {
-      const s = slot.replica.stats();
+      const key = slot.clusterKey;
+      const replica = this.#core.replica(key);
+      const cluster = this.#core.clusterState(key);
+      const s = replica?.stats();
       out.push({
         uuid: slot.config.uuid,
         luid: "0x" + slot.config.luid.toString(16),
+        clusterKey: key,
         type: slot.config.kind,
         device: slot.disk?.describe() ?? null,
         regionSize: slot.config.regionSize,
         regionCount: slot.config.regionCount,
-        syncCount: s.syncCount,
-        cleanCount: s.cleanCount,
-        outstandingMarks: s.marks,
         state: slot.state,
-        diskFailed: s.diskFailed,
+        cluster: this.#core.logStatus(key) ?? "out",
         nodeId: this.nodeId,
-        members: s.members,
-        digest: slot.replica.digest(),
+        members: cluster?.members ?? [],
+        writer: slot.config.kind === "clustered-disk" ? (cluster?.writer ?? null) : null,
+        syncCount: s?.syncCount ?? null,
+        cleanCount: s?.cleanCount ?? null,
+        outstandingMarks: s?.marks ?? null,
+        diskFailed: s?.diskFailed ?? null,
+        digest: digestOf(this.#core.digest(key)),
         diskStats: slot.disk?.stats() ?? null,
       });
     }
@@ -453,22 +518,31 @@ export class Node {
   }
 }
 
-/** What `clogd status` shows per log. */
+/** What `clogd status` shows per log instance. */
 export interface LogStatus {
   uuid: string;
   luid: string;
+  /** The cluster-wide log this instance belongs to (uuid:kind:regionSize:regionCount). */
+  clusterKey: string;
   type: string;
   device: string | null;
   regionSize: number;
   regionCount: number;
-  syncCount: number;
-  cleanCount: number;
-  outstandingMarks: number;
+  /** The kernel's view of this instance. */
   state: LogState;
-  diskFailed: boolean;
+  /** This node's place in the cluster log: "member" (holds it), "joining", "out". */
+  cluster: string;
   nodeId: NodeId;
+  /** Nodes holding the log (empty unless this node is a member). */
   members: NodeId[];
-  digest: string;
+  /** The node writing a clustered-disk log (null for clustered-core or not a member). */
+  writer: NodeId | null;
+  syncCount: number | null;
+  cleanCount: number | null;
+  outstandingMarks: number | null;
+  diskFailed: boolean | null;
+  /** Hash of the replicated state: equal on every member at the same point of the order. */
+  digest: string | null;
   diskStats: Record<string, number> | null;
 }
 
@@ -479,6 +553,11 @@ function cString(s: string): Uint8Array {
   const out = new Uint8Array(b.length + 1);
   out.set(b);
   return out;
+}
+
+/** The core's digest (long: replica hash and cluster state) as 16 hex digits. */
+function digestOf(full: string | undefined): string | null {
+  return full === undefined ? null : new Digest().text(full).hex();
 }
 
 function errText(err: unknown): string {

@@ -1,74 +1,84 @@
 /**
- * The standalone ordered bus: an in-process queue with the same contract as the cluster bus.
- *
- * Entries submitted during one turn of the event loop are delivered together on the next
- * microtask, in submission order, as one batch: the same batching shape the CPG bus has, so the
- * node's code path is the one a cluster runs.
+ * The standalone transport: this node is the whole group, and a message is delivered back to
+ * it in the order it was multicast. The same cluster core runs over it as over corosync, so the
+ * standalone daemon exercises the cluster code path (batching, ordered answers, the disk
+ * writer) with a zero-latency bus.
  *
  * @module
  */
 
 import type { NodeId } from "../log/types.ts";
-import type { BusListener, Entry, OrderedBus } from "./types.ts";
+import type { ClusterTransport, TransportHandlers } from "./transport.ts";
 
 /**
- * Largest batch delivered at once. Bounds the work done in one delivery; the rest follows on
- * the next microtask, so a burst never starves the rest of the event loop for long.
+ * Most messages delivered in one microtask run before yielding to the event loop: the core's
+ * in-flight window keeps the queue short, this bounds a run of control messages (durables,
+ * checkpoint chunks) so the kernel socket is not starved.
  */
-export const LOCAL_MAX_BATCH = 4096;
+export const LOCAL_MAX_DELIVER_PER_RUN = 256;
 
-/** In-process ordered bus for standalone mode. */
-export class LocalBus implements OrderedBus {
-  readonly nodeId: NodeId;
+/** One node alone, in process. */
+export class LocalTransport implements ClusterTransport {
   readonly kind = "standalone";
-  #queue: Entry[] = [];
-  #listener: BusListener | null = null;
+  readonly nodeId: NodeId;
+  #queue: Uint8Array[] = [];
+  #handlers: TransportHandlers | null = null;
   #scheduled = false;
-  /** Number of delivered batches (the standalone analogue of cluster messages). */
-  batches = 0;
+  #closed = false;
+  #messages = 0;
+  #bytes = 0;
 
   constructor(nodeId: NodeId = 1) {
     this.nodeId = nodeId;
   }
 
-  get pending(): number {
-    return this.#queue.length;
+  start(handlers: TransportHandlers): void {
+    this.#handlers = handlers;
+    handlers.confchg({ members: [this.nodeId], joined: [this.nodeId], left: [] });
+    this.#schedule();
   }
 
-  listen(listener: BusListener): void {
-    this.#listener = listener;
+  mcast(bytes: Uint8Array): void {
+    if (this.#closed) return;
+    this.#queue.push(bytes);
+    this.#messages++;
+    this.#bytes += bytes.byteLength;
+    this.#schedule();
   }
 
-  submit(entry: Entry): void {
-    this.#queue.push(entry);
-    if (!this.#scheduled) {
-      this.#scheduled = true;
-      queueMicrotask(() => this.#deliver());
-    }
-  }
-
-  /** Deliver everything queued now (also used by tests to step deterministically). */
+  /** Deliver everything queued now (tests step with this; the daemon calls it each loop turn). */
   flush(): void {
-    while (this.#queue.length > 0) this.#deliverOne();
-  }
-
-  #deliver(): void {
-    this.#scheduled = false;
-    this.#deliverOne();
-    if (this.#queue.length > 0 && !this.#scheduled) {
-      this.#scheduled = true;
-      queueMicrotask(() => this.#deliver());
+    while (this.#queue.length > 0 && this.#handlers !== null && !this.#closed) {
+      this.#handlers.deliver(this.nodeId, this.#queue.shift()!);
     }
   }
 
-  #deliverOne(): void {
-    if (this.#queue.length === 0) return;
-    const batch = this.#queue.length <= LOCAL_MAX_BATCH
-      ? this.#queue
-      : this.#queue.slice(0, LOCAL_MAX_BATCH);
-    this.#queue = this.#queue.length <= LOCAL_MAX_BATCH ? [] : this.#queue.slice(LOCAL_MAX_BATCH);
-    this.batches++;
-    if (this.#listener === null) throw new Error("LocalBus has no listener");
-    this.#listener.deliver(batch);
+  stats(): Record<string, number> {
+    return { messages: this.#messages, bytes: this.#bytes, queued: this.#queue.length };
+  }
+
+  close(): void {
+    this.#closed = true;
+    this.#queue = [];
+  }
+
+  #schedule(): void {
+    if (this.#scheduled || this.#queue.length === 0 || this.#handlers === null) return;
+    this.#scheduled = true;
+    queueMicrotask(() => {
+      this.#scheduled = false;
+      for (let n = 0; n < LOCAL_MAX_DELIVER_PER_RUN && this.#queue.length > 0; n++) {
+        if (this.#closed) return;
+        this.#handlers!.deliver(this.nodeId, this.#queue.shift()!);
+      }
+      // More left: continue after other work (a macrotask, so timers and I/O get their turn).
+      if (this.#queue.length > 0 && !this.#scheduled) {
+        this.#scheduled = true;
+        setTimeout(() => {
+          this.#scheduled = false;
+          this.flush();
+        }, 0);
+      }
+    });
   }
 }

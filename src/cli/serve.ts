@@ -8,17 +8,24 @@ import { parseArgs } from "node:util";
 import { DEFAULT_CONTROL_PATH } from "../control.ts";
 import { type Level, LEVELS } from "../logger.ts";
 import { runDaemon } from "../daemon.ts";
+import { DEFAULT_GROUP } from "../bus/transport.ts";
+import { CPG_MAX_NAME_LENGTH } from "../../ffi/cpg.ts";
 
-const HELP =
-  `Usage: clogd serve [--standalone] [--accept-user-peers] [--log-level L] [--control PATH]
-                   [--layout auto|current|2009] [--pidfile PATH]
+const HELP = `Usage: clogd serve [--standalone | --cluster] [--group NAME] [--accept-user-peers]
+                   [--log-level L] [--control PATH] [--layout auto|current|2009] [--pidfile PATH]
 
 Runs the daemon in the foreground, serving device-mapper's "userspace" dirty log over the
 NETLINK_CONNECTOR socket (connector 7/1). Logs go to stderr (journal-friendly).
 
+Mode: by default clogd joins the cluster through the local corosync (CPG group "clogd") and keeps
+every log coherent with the other nodes' daemons. If corosync does not answer it refuses to start
+(exit 7) rather than order shared logs alone.
+  --standalone          serve the logs on this node alone (no corosync): only for mirrors no other
+                        node activates
+  --cluster             require corosync (the default, said explicitly)
+  --group NAME          CPG group name, the same on every node (default "${DEFAULT_GROUP}")
+
 Options:
-  --standalone          serve the logs on this node alone (in-process ordered bus). Cluster mode
-                        (corosync CPG) is not in this build yet, so this flag is required.
   --accept-user-peers   also accept requests from netlink senders other than the kernel (port id
                         0): for the kernel simulator in tests, demos and benchmarks. Off by default.
   --log-level L         error, warn, info (default) or debug
@@ -28,6 +35,8 @@ Options:
                         (160-byte header with luid, kernels since 2.6.31+) or 2009 (152-byte header)
   --pidfile PATH        write the daemon's pid here (default /run/clogd/clogd.pid; "" for none)
   -h, --help            show this text
+
+Environment: CLOGD_LIBCPG overrides the path of libcpg (default libcpg.so.4).
 
 Signals: SIGTERM/SIGINT exit cleanly when no log is resumed (with resumed logs, a second signal
 within 10 s forces the exit); SIGUSR2 writes every log's state to the log. SIGUSR1 is ignored:
@@ -42,6 +51,8 @@ export async function serveCommand(argv: string[]): Promise<number> {
       args: argv,
       options: {
         standalone: { type: "boolean", default: false },
+        cluster: { type: "boolean", default: false },
+        group: { type: "string", default: DEFAULT_GROUP },
         "accept-user-peers": { type: "boolean", default: false },
         "log-level": { type: "string", default: "info" },
         control: { type: "string" },
@@ -69,16 +80,17 @@ export async function serveCommand(argv: string[]): Promise<number> {
     console.error(`clogd serve: --layout must be auto, current or 2009`);
     return 2;
   }
-  if (!values.standalone) {
-    console.error(
-      "clogd serve: cluster mode (corosync CPG) is not available in this build; " +
-        "pass --standalone to serve logs on this node alone. Never run standalone on nodes " +
-        "that share a mirror: their logs would diverge.",
-    );
+  if (values.standalone && values.cluster) {
+    console.error("clogd serve: --standalone and --cluster exclude each other");
+    return 2;
+  }
+  if (values.group === "" || new TextEncoder().encode(values.group).length > CPG_MAX_NAME_LENGTH) {
+    console.error(`clogd serve: --group must be 1..${CPG_MAX_NAME_LENGTH} bytes`);
     return 2;
   }
   return await runDaemon({
-    mode: "standalone",
+    mode: values.standalone ? "standalone" : values.cluster ? "cluster" : "auto",
+    group: values.group,
     acceptUserPeers: values["accept-user-peers"],
     logLevel: level,
     controlPath: values.control ?? Deno.env.get("CLOGD_CONTROL") ?? DEFAULT_CONTROL_PATH,

@@ -10,8 +10,10 @@ import type { LogStatus } from "../node.ts";
 
 const HELP = `Usage: clogd status [--json] [--control PATH]
 
-Asks a running clogd (over its unix control socket) for every log's uuid, luid, type,
-region size and count, sync count, clean count, outstanding marks, state and state digest.
+Asks a running clogd (over its unix control socket) for its mode and node id, and for every log:
+uuid, luid, type, region size and count, sync count, clean count, outstanding marks, state, the
+cluster members holding it, the disk writer (clustered-disk), and the digest of the replicated
+state (equal on every member once traffic settles: compare it across nodes).
 
 Options:
   --json          print the daemon's answer as JSON
@@ -24,10 +26,14 @@ export interface DaemonStatus {
   pid: number;
   mode: string;
   nodeId: number;
+  /** True while this node is a member of the group (standalone: always). */
+  connected: boolean;
   uptimeSeconds: number;
   logs: LogStatus[];
   kernelLink: Record<string, number>;
   node: Record<string, number>;
+  cluster: Record<string, number>;
+  transport: Record<string, number>;
 }
 
 /** Runs the status command; returns the exit code. */
@@ -70,9 +76,9 @@ export async function statusCommand(argv: string[]): Promise<number> {
 /** Human-readable status table. */
 export function formatStatus(s: DaemonStatus): string {
   const lines = [
-    `clogd pid ${s.pid}, ${s.mode} mode, node ${s.nodeId}, up ${
-      s.uptimeSeconds.toFixed(0)
-    } s, ${s.logs.length} log(s)`,
+    `clogd pid ${s.pid}, ${s.mode} mode, node ${s.nodeId}${
+      s.connected ? "" : " (NOT CONNECTED to the cluster)"
+    }, up ${s.uptimeSeconds.toFixed(0)} s, ${s.logs.length} log(s)`,
   ];
   for (const l of s.logs) {
     lines.push(
@@ -80,7 +86,9 @@ export function formatStatus(s: DaemonStatus): string {
         l.diskFailed ? " DISK-FAILED" : ""
       }`,
       `    regions ${l.regionCount} x ${l.regionSize} sectors, in sync ${l.syncCount}, clean ${l.cleanCount}, outstanding marks ${l.outstandingMarks}`,
-      `    members [${l.members.join(",")}] digest ${l.digest}`,
+      `    cluster: ${l.cluster}, members [${l.members.join(",")}]${
+        l.writer !== null ? `, disk writer node ${l.writer}` : ""
+      }, digest ${l.digest ?? "-"}`,
     );
   }
   return lines.join("\n");

@@ -20,9 +20,13 @@ import {
   bind,
   close,
   EAGAIN,
+  EBADF,
   ECONNREFUSED,
+  EFAULT,
   EINTR,
+  EINVAL,
   ENOBUFS,
+  ENOTSOCK,
   EPERM,
   errno,
   ErrnoError,
@@ -111,6 +115,11 @@ export interface NetlinkStats {
   truncated: number;
   /** Sends refused for now (EAGAIN/ENOBUFS), reported to the caller as retryable. */
   sendRetries: number;
+  /**
+   * Pending socket errors reported by a receive (e.g. ENOENT, ECONNREFUSED left by an earlier
+   * multicast in a namespace): the kernel clears them by reporting them once; skipped.
+   */
+  asyncErrors: number;
 }
 
 /** A nonblocking NETLINK_CONNECTOR socket. */
@@ -136,6 +145,7 @@ export class NetlinkSocket {
     received: 0,
     sent: 0,
     overruns: 0,
+    asyncErrors: 0,
     truncated: 0,
     sendRetries: 0,
   };
@@ -200,10 +210,11 @@ export class NetlinkSocket {
    * Receives one datagram into `buf` without blocking.
    *
    * Returns null when nothing is queued. An ENOBUFS (datagrams dropped because we fell
-   * behind) is counted in {@link NetlinkStats.overruns} and skipped, never thrown. The result
-   * object is reused by the next call.
+   * behind) is counted in {@link NetlinkStats.overruns} and skipped, never thrown; so is a
+   * pending socket error ({@link NetlinkStats.asyncErrors}). The result object is reused by
+   * the next call.
    *
-   * @throws ErrnoError on any other failure (e.g. EBADF after close)
+   * @throws ErrnoError on a misuse (EBADF after close, EINVAL, EFAULT, ENOTSOCK)
    */
   recv(buf: Uint8Array): Received | null {
     for (let skipped = 0; skipped < MAX_SKIPPED_RECV_ERRORS; skipped++) {
@@ -231,8 +242,11 @@ export class NetlinkSocket {
       if (code === EAGAIN) return null;
       if (code === ENOBUFS) {
         this.stats.overruns++;
-      } else if (code !== EINTR) {
+      } else if (code === EBADF || code === EINVAL || code === EFAULT || code === ENOTSOCK) {
         throw new ErrnoError("recvfrom", code);
+      } else if (code !== EINTR) {
+        // A pending error of the socket (sk_err), reported by this call and cleared by it.
+        this.stats.asyncErrors++;
       }
     }
     return null;

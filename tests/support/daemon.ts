@@ -35,9 +35,17 @@ export class DaemonProcess {
   #exited = false;
   readonly status: Promise<Deno.CommandStatus>;
 
-  private constructor(netns: NetworkNamespace, dir: string, child: Deno.ChildProcess) {
+  readonly #ownsDir: boolean;
+
+  private constructor(
+    netns: NetworkNamespace,
+    dir: string,
+    child: Deno.ChildProcess,
+    ownsDir: boolean,
+  ) {
     this.netns = netns;
     this.dir = dir;
+    this.#ownsDir = ownsDir;
     this.controlPath = `${dir}/clogd.sock`;
     this.#child = child;
     this.#stderrDone = this.#collect();
@@ -50,8 +58,15 @@ export class DaemonProcess {
   /** Start `clogd serve --standalone --accept-user-peers` in `netns`, wait until it answers. */
   static async start(
     netns: NetworkNamespace,
-    options: { dir?: string; args?: string[]; userPeers?: boolean } = {},
+    options: {
+      dir?: string;
+      args?: string[];
+      userPeers?: boolean;
+      /** "standalone" (default) or "cluster" (the namespace's corosync must run). */
+      mode?: "standalone" | "cluster";
+    } = {},
   ): Promise<DaemonProcess> {
+    const ownsDir = options.dir === undefined;
     const dir = options.dir ?? await Deno.makeTempDir({ prefix: "clogd-daemon-" });
     const args = [
       "run",
@@ -59,7 +74,7 @@ export class DaemonProcess {
       "--v8-flags=--stack-size=2048",
       `${REPO}main.ts`,
       "serve",
-      "--standalone",
+      options.mode === "cluster" ? "--cluster" : "--standalone",
       ...(options.userPeers === false ? [] : ["--accept-user-peers"]),
       "--control",
       `${dir}/clogd.sock`,
@@ -68,7 +83,7 @@ export class DaemonProcess {
       ...(options.args ?? []),
     ];
     const child = netns.spawn([DENO, ...args], { stdout: "null", stderr: "piped" });
-    const d = new DaemonProcess(netns, dir, child);
+    const d = new DaemonProcess(netns, dir, child, ownsDir);
     const deadline = Date.now() + START_TIMEOUT_MS;
     while (true) {
       if (d.#exited) throw new Error(`clogd exited during start-up:\n${d.stderr}`);
@@ -137,11 +152,12 @@ export class DaemonProcess {
     }
   }
 
-  /** SIGKILL and wait for exit. */
+  /** SIGKILL and wait for exit; removes the daemon's directory if {@link start} made it. */
   async stop(): Promise<void> {
     this.kill("SIGKILL");
     await this.status;
     await this.#stderrDone;
+    if (this.#ownsDir) await Deno.remove(this.dir, { recursive: true }).catch(() => {});
   }
 }
 
