@@ -79,6 +79,15 @@ export interface CorosyncConfOptions {
   transport?: "knet" | "udpu" | "udp";
   /** Default {@link TEST_TOKEN_MS}. */
   tokenMs?: number;
+  /**
+   * totem token_coefficient, in ms: corosync adds it to the token timeout once per node beyond
+   * two in the nodelist (default 650), so 3 nodes with `token: 300` time out after 950 ms. A
+   * cluster harness sets 0 to get failure detection of about token + consensus (1.2 x token).
+   * Default: corosync's.
+   */
+  tokenCoefficientMs?: number;
+  /** Log timestamps: "on" (seconds, the default) or "hires" (milliseconds). */
+  timestamp?: "on" | "hires";
 }
 
 /**
@@ -106,6 +115,9 @@ export function corosyncConf(options: CorosyncConfOptions): string {
     "  crypto_cipher: none",
     "  crypto_hash: none",
     `  token: ${options.tokenMs ?? TEST_TOKEN_MS}`,
+    ...(options.tokenCoefficientMs === undefined
+      ? []
+      : [`  token_coefficient: ${options.tokenCoefficientMs}`]),
     "}",
     "system {",
     `  state_dir: ${options.dir}/state`,
@@ -116,7 +128,7 @@ export function corosyncConf(options: CorosyncConfOptions): string {
     `  logfile: ${options.dir}/corosync.log`,
     "  to_syslog: no",
     "  to_stderr: no",
-    "  timestamp: on",
+    `  timestamp: ${options.timestamp ?? "on"}`,
     "}",
     "quorum {",
     "  provider: corosync_votequorum",
@@ -146,6 +158,15 @@ export interface CorosyncOptions {
   transport?: "knet" | "udpu" | "udp";
   /** Default {@link TEST_TOKEN_MS}. */
   tokenMs?: number;
+  /** See {@link CorosyncConfOptions.tokenCoefficientMs}. */
+  tokenCoefficientMs?: number;
+  /** See {@link CorosyncConfOptions.timestamp}. */
+  timestamp?: "on" | "hires";
+  /**
+   * The instance's directory (created; must not exist yet, or be empty); removed by
+   * {@link Corosync.stop} like the default, a new temporary directory.
+   */
+  dir?: string;
 }
 
 /** Options of {@link Corosync.spawnDeno}. */
@@ -198,7 +219,12 @@ export class Corosync implements AsyncDisposable {
     let dir: string | undefined;
     try {
       if (ownsNetns) await run(["ip", "-n", netns.name, "link", "set", "lo", "up"]);
-      dir = await Deno.makeTempDir({ prefix: `${COROSYNC_PREFIX}-` });
+      if (options.dir === undefined) {
+        dir = await Deno.makeTempDir({ prefix: `${COROSYNC_PREFIX}-` });
+      } else {
+        dir = options.dir;
+        await Deno.mkdir(dir, { recursive: true });
+      }
       await Deno.mkdir(`${dir}/run`);
       await Deno.mkdir(`${dir}/state`);
       const nodeid = options.nodeid ?? 1;
@@ -210,6 +236,8 @@ export class Corosync implements AsyncDisposable {
           nodes: options.nodes ?? [{ nodeid, address: "127.0.0.1" }],
           transport: options.transport,
           tokenMs: options.tokenMs,
+          tokenCoefficientMs: options.tokenCoefficientMs,
+          timestamp: options.timestamp,
         }),
       );
       const corosync = new Corosync(netns, dir, { nodeid, ownsNetns, shmBefore });
@@ -316,6 +344,14 @@ export class Corosync implements AsyncDisposable {
     return this.stop();
   }
 
+  /**
+   * Removes the /dev/shm files of this instance's exited corosyncs (e.g. right after a
+   * SIGKILL, which leaves about 9 MB there); the running one's files stay.
+   */
+  removeStaleShm(): void {
+    this.#removeShm(this.#process?.pid);
+  }
+
   /** corosync's log so far. */
   async log(): Promise<string> {
     const parts = await Promise.all(
@@ -384,8 +420,9 @@ export class Corosync implements AsyncDisposable {
     return (await this.log()).trimEnd().split("\n").slice(-LOG_TAIL_LINES).join("\n");
   }
 
-  #removeShm(): void {
-    const pids = [...this.#pids].join("|");
+  #removeShm(keep?: number): void {
+    const pids = [...this.#pids].filter((pid) => pid !== keep).join("|");
+    if (pids === "") return;
     // qb-corosync-PID-blackbox-*, and qb-PID-CLIENTPID-* (one per client connection).
     const ours = new RegExp(`^qb-(corosync-)?(${pids})-`);
     for (const name of listShm()) {

@@ -50,6 +50,8 @@ export interface NetnsOptions {
   prefix?: string;
   /** Bring the loopback interface up (for TCP/UDP on 127.0.0.1 inside). Default false. */
   loopback?: boolean;
+  /** The exact name to use instead of prefix, pid and counter (the caller keeps it unique). */
+  name?: string;
 }
 
 let counter = 0;
@@ -70,7 +72,7 @@ export class NetworkNamespace {
    * down (netlink needs none) unless `loopback` is true.
    */
   static async create(options: NetnsOptions = {}): Promise<NetworkNamespace> {
-    const name = `${options.prefix ?? NETNS_PREFIX}-${Deno.pid}-${++counter}`;
+    const name = options.name ?? `${options.prefix ?? NETNS_PREFIX}-${Deno.pid}-${++counter}`;
     await ip(["netns", "add", name]);
     const netns = new NetworkNamespace(name);
     if (options.loopback) {
