@@ -422,7 +422,7 @@ Deno.test("request() with a tag already waiting is dropped with a log line, not 
   assert.equal(s.answers.get(9)?.errno, 0);
 });
 
-Deno.test("a disk log's FLUSH is answered only after the writer's durable message comes back", () => {
+Deno.test("a disk log's FLUSH is answered once its write is durable, one write in flight", () => {
   const s = new Solo();
   const cfg = config(64, "disk");
   s.request(cfg, { op: "resume" });
@@ -439,18 +439,58 @@ Deno.test("a disk log's FLUSH is answered only after the writer's durable messag
   assert.equal(w.full, false);
   assert.deepEqual(w.changes.words, [0]);
   assert.equal(w.bytes[0] & (1 << 5), 0, "region 5 is written dirty");
+  assert.equal(w.sync, true, "a write that dirties a region is synced");
   const g = s.request(cfg, { op: "flush", marks: [40] });
   s.run();
   assert.equal(s.writes.length, 2, "a second write while one is in flight");
   s.take(s.core.diskDurable("L", w.token));
-  s.run();
+  // The writer answers its own FLUSH at once; other members wait for its "durable" message.
   assert.equal(s.answers.get(f)?.errno, 0);
+  s.run();
   assert.equal(s.answers.get(g), undefined);
   assert.equal(s.writes.length, 3);
   s.take(s.core.diskFailed("L", s.writes[2].token, "EIO from the device"));
   s.run();
   assert.equal(s.answers.get(g)?.errno, Errno.EIO);
   assert.equal(s.core.replica("L")!.diskFailed, true);
+});
+
+Deno.test("a clean-only write skips the sync; a disk log's POSTSUSPEND waits for the disk", () => {
+  const s = new Solo();
+  const cfg = config(64, "disk");
+  s.request(cfg, { op: "resume" });
+  s.run();
+  s.take(s.core.diskDurable("L", s.writes[0].token));
+  s.run();
+  s.request(cfg, { op: "flush", marks: [7] });
+  s.run();
+  assert.equal(s.writes.at(-1)!.sync, true);
+  s.take(s.core.diskDurable("L", s.writes.at(-1)!.token));
+  s.run();
+  s.request(cfg, { op: "clear", regions: [7] });
+  const f = s.request(cfg, { op: "flush", marks: [] });
+  s.run();
+  const clean = s.writes.at(-1)!;
+  assert.equal(clean.sync, false, "only clean bits changed: written, not synced");
+  assert.equal((clean.bytes[0] >> 7) & 1, 1, "region 7 is written clean");
+  s.take(s.core.diskDurable("L", clean.token));
+  s.run();
+  assert.equal(s.answers.get(f)?.errno, 0);
+  s.request(cfg, { op: "flush", marks: [9] });
+  s.run();
+  s.take(s.core.diskDurable("L", s.writes.at(-1)!.token));
+  s.run();
+  s.request(cfg, { op: "clear", regions: [9] });
+  s.run();
+  const writes = s.writes.length;
+  const p = s.request(cfg, { op: "postsuspend" });
+  s.run();
+  assert.equal(s.answers.get(p), undefined, "POSTSUSPEND waits for the disk");
+  assert.equal(s.writes.length, writes + 1, "the suspended log is written out");
+  assert.equal((s.writes.at(-1)!.bytes[1] >> 1) & 1, 1, "region 9 (cleared) is written clean");
+  s.take(s.core.diskDurable("L", s.writes.at(-1)!.token));
+  s.run();
+  assert.equal(s.answers.get(p)?.errno, 0);
 });
 
 Deno.test("deliver() drops malformed messages with a log line and changes nothing", () => {

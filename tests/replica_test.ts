@@ -3,18 +3,13 @@ import { Errno, MAX_REGIONS_PER_REQUEST, RequestType } from "../src/kernel/proto
 import { Bitmap, popcount32 } from "../src/log/bitmap.ts";
 import { isCtrError, parseCtr } from "../src/log/ctr.ts";
 import { Digest } from "../src/log/digest.ts";
-import {
-  isOpParseError,
-  parseOp,
-  readS64,
-  readU64,
-  remoteRecoveringBytes,
-} from "../src/log/ops.ts";
+import { isOpParseError, parseOp, readS64, readU64 } from "../src/log/ops.ts";
 import {
   LogReplica,
   MAX_DIRTY_WORDS,
   MAX_NODES,
   MAX_PRIORITY_REGIONS,
+  MAX_RESERVATIONS,
 } from "../src/log/replica.ts";
 import type { DiskImage, LogConfig, NodeId, Op, OpResult } from "../src/log/types.ts";
 
@@ -68,8 +63,12 @@ function work(r: LogReplica, node: NodeId): number | undefined {
   return readU64(data, 8);
 }
 
-function remoteRecovering(r: LogReplica, region: number): { recovering: number; hint: number } {
-  const data = ok(r.apply(1, { op: "is_remote_recovering", region })).data!;
+function remoteRecovering(
+  r: LogReplica,
+  region: number,
+  node: NodeId = 1,
+): { recovering: number; hint: number } {
+  const data = ok(r.apply(node, { op: "is_remote_recovering", region })).data!;
   assert.equal(data.byteLength, 16);
   return { recovering: readS64(data, 0), hint: readU64(data, 8) };
 }
@@ -362,10 +361,10 @@ Deno.test("nodeCrashed() puts the dead node's regions out of sync and clears the
   ok(r.apply(3, { op: "clear", regions: [11] }));
   assert.equal(isClean(r, 11), 0);
   assert.equal(diskBit(r, 11), false);
-  assert.deepEqual(remoteRecovering(r, 11), { recovering: 1, hint: 10 });
   // The search went back: both regions are resynced at run time, without a resume.
-  assert.equal(work(r, 1), 11, "asked-about region first");
-  assert.equal(work(r, 3), 10);
+  assert.equal(work(r, 1), 10);
+  assert.deepEqual(remoteRecovering(r, 11), { recovering: 1, hint: 10 });
+  assert.equal(work(r, 3), 11, "asked-about region first");
   setSync(r, 1, 11);
   setSync(r, 3, 10);
   assert.equal(isClean(r, 10), 1);
@@ -461,13 +460,13 @@ Deno.test("apply(get_resync_work) skips a region another node has marked and com
 });
 
 Deno.test("apply(is_remote_recovering) hints the lowest out-of-sync region and prioritizes it", () => {
-  const r = syncedReplica(300, [1], [7, 250, 260]);
-  assert.deepEqual(remoteRecovering(r, 100), { recovering: 0, hint: 7 });
-  assert.deepEqual(remoteRecovering(r, 260), { recovering: 1, hint: 7 });
-  assert.deepEqual(remoteRecovering(r, 260), { recovering: 1, hint: 7 });
+  const r = syncedReplica(300, [1, 2], [7, 250, 260]);
+  assert.equal(work(r, 2), 7);
+  assert.deepEqual(remoteRecovering(r, 100, 2), { recovering: 0, hint: 7 });
+  assert.deepEqual(remoteRecovering(r, 260, 2), { recovering: 1, hint: 7 });
+  assert.deepEqual(remoteRecovering(r, 260, 2), { recovering: 1, hint: 7 });
   assert.deepEqual(r.priorityRegions(), [260], "deduplicated");
   assert.equal(work(r, 1), 260);
-  assert.equal(work(r, 2), 7);
   setSync(r, 2, 7);
   assert.deepEqual(remoteRecovering(r, 0), { recovering: 0, hint: 250 });
   setSync(r, 1, 260);
@@ -480,7 +479,9 @@ Deno.test("apply(is_remote_recovering) hints the lowest out-of-sync region and p
 Deno.test("apply(is_remote_recovering) keeps at most MAX_PRIORITY_REGIONS regions", () => {
   const r = new LogReplica(config(1000));
   ok(r.apply(1, { op: "resume" }));
-  for (let i = 0; i < MAX_PRIORITY_REGIONS + 20; i++) remoteRecovering(r, 999 - i);
+  ok(r.apply(2, { op: "resume" }));
+  assert.equal(work(r, 2), 0);
+  for (let i = 0; i < MAX_PRIORITY_REGIONS + 20; i++) remoteRecovering(r, 999 - i, 2);
   assert.equal(r.priorityRegions().length, MAX_PRIORITY_REGIONS);
   assert.equal(work(r, 1), 999, "oldest first");
   assertConsistent(r);
@@ -780,6 +781,10 @@ class Model {
   readonly assigned = new Map<number, NodeId>();
   /** Member states: resumed, presuspended, suspended (crashed members are removed). */
   readonly states = new Map<NodeId, string>();
+  /** Resumed members that asked for resync work since their last resume. */
+  readonly asking = new Set<NodeId>();
+  /** "region:node" for each out-of-sync region answered "not recovering" and not yet marked. */
+  readonly reserved = new Set<string>();
   latch = false;
   initialized = false;
   constructor(readonly n: number, readonly nosync: boolean) {
@@ -800,7 +805,19 @@ class Model {
     for (const [r, n] of this.assigned) if (n === node) return r;
     return undefined;
   }
+  reservedByOther(r: number, node: NodeId): boolean {
+    for (const key of this.reserved) {
+      const [region, holder] = key.split(":").map(Number);
+      if (region === r && holder !== node) return true;
+    }
+    return false;
+  }
+  unreserveRegion(r: number): void {
+    for (const key of [...this.reserved]) if (key.startsWith(`${r}:`)) this.reserved.delete(key);
+  }
   release(node: NodeId): number {
+    this.asking.delete(node);
+    for (const key of [...this.reserved]) if (key.endsWith(`:${node}`)) this.reserved.delete(key);
     let went = 0;
     for (const r of this.marks.get(node) ?? []) {
       if (this.sync[r]) went++;
@@ -828,6 +845,8 @@ function randomRun(seed: number, nosync: boolean): void {
   const region = () => Math.floor(rand() * n);
   let handedOut = 0;
   let crashes = 0;
+  let notRecovering = 0;
+  let recoveringAnswers = 0;
 
   for (let step = 0; step < 4000; step++) {
     const where = `seed ${seed} step ${step}`;
@@ -877,9 +896,11 @@ function randomRun(seed: number, nosync: boolean): void {
       switch (op.op) {
         case "presuspend":
           model.states.set(node, "presuspended");
+          model.asking.delete(node);
           break;
         case "resume":
           model.states.set(node, "resumed");
+          model.asking.delete(node);
           if (!model.initialized) {
             model.initialized = true;
             model.sync.fill(nosync);
@@ -895,11 +916,17 @@ function randomRun(seed: number, nosync: boolean): void {
         case "flush": {
           const regions = op.op === "mark" ? op.regions : op.marks;
           if (!model.marks.has(node) && regions.length > 0) model.marks.set(node, new Set());
-          for (const r of regions) model.marks.get(node)!.add(r);
+          for (const r of regions) {
+            model.marks.get(node)!.add(r);
+            model.reserved.delete(`${r}:${node}`);
+          }
           break;
         }
         case "clear":
-          for (const r of op.regions) model.marks.get(node)?.delete(r);
+          for (const r of op.regions) {
+            model.marks.get(node)?.delete(r);
+            model.reserved.delete(`${r}:${node}`);
+          }
           if (model.marks.get(node)?.size === 0) model.marks.delete(node);
           break;
         case "is_clean":
@@ -919,12 +946,18 @@ function randomRun(seed: number, nosync: boolean): void {
           const i = readS64(res.data!, 0);
           const r = readU64(res.data!, 8);
           const held = model.heldBy(node);
+          if (model.states.get(node) === "resumed") model.asking.add(node);
           if (held !== undefined) {
             assert.deepEqual([i, r], [1, held], `${where}: resend gets the same region`);
           } else if (i === 1) {
             assert.equal(model.sync[r], false, `${where}: handed out an in-sync region`);
             assert.equal(model.assigned.get(r), undefined, `${where}: region ${r} has a recoverer`);
             assert.equal(model.markedByOther(r, node), false, `${where}: region marked elsewhere`);
+            assert.equal(
+              model.reservedByOther(r, node),
+              false,
+              `${where}: region ${r} handed out while another node's write may land on it`,
+            );
             model.assigned.set(r, node);
             handedOut++;
           }
@@ -933,13 +966,27 @@ function randomRun(seed: number, nosync: boolean): void {
         case "set_region_sync":
           model.sync[op.region] = op.inSync;
           model.assigned.delete(op.region);
+          if (op.inSync) model.unreserveRegion(op.region);
           if (model.count() === n) model.latch = true;
           break;
         case "is_remote_recovering": {
           const rec = readS64(res.data!, 0);
           const hint = readU64(res.data!, 8);
-          const recovering = [...model.states.values()].includes("resumed");
-          assert.equal(rec, recovering && !model.sync[op.region] && !model.latch ? 1 : 0, where);
+          const r = op.region;
+          const recoverer = model.assigned.get(r);
+          let expect = 0;
+          if (model.initialized && !model.sync[r]) {
+            if (recoverer !== undefined && model.states.get(recoverer) === "resumed") expect = 1;
+            else if (recoverer === undefined && !model.latch && model.asking.has(node)) expect = 1;
+            else if (!model.marks.get(node)?.has(r)) model.reserved.add(`${r}:${node}`);
+          }
+          assert.equal(rec, expect, where);
+          if (rec === 0 && recoverer !== undefined && recoverer !== node) {
+            // Safety: a write may now land on the region, so nobody may be copying it.
+            assert.notEqual(model.states.get(recoverer), "resumed", `${where}: copy races write`);
+          }
+          if (rec === 0) notRecovering++;
+          else recoveringAnswers++;
           const lowest = model.sync.indexOf(false);
           assert.equal(hint, lowest < 0 ? n : lowest, where);
           break;
@@ -950,6 +997,12 @@ function randomRun(seed: number, nosync: boolean): void {
     if (joiner) assert.equal(joiner.digest(), a.digest(), where);
     assert.equal(a.checkInvariants(), undefined, where);
     assert.equal(a.inSyncLatch, model.latch, where);
+    assert.deepEqual(
+      a.reservations().map(([r, n]) => `${r}:${n}`).sort(),
+      [...model.reserved].sort(),
+      where,
+    );
+    for (const node of nodes) assert.equal(a.isAsking(node), model.asking.has(node), where);
     for (let r = 0; r < n; r++) {
       assert.equal(diskBit(a, r), model.sync[r] && !model.marked(r), `${where}: disk bit ${r}`);
     }
@@ -962,6 +1015,7 @@ function randomRun(seed: number, nosync: boolean): void {
   // The run exercised what it claims to.
   assert.ok(handedOut > 50, `only ${handedOut} regions handed out`);
   assert.ok(crashes > 10, `only ${crashes} crashes`);
+  assert.ok(notRecovering > 20 && recoveringAnswers > 2, `${notRecovering}/${recoveringAnswers}`);
   if (nosync) assert.ok(latchedSteps > 100, `latched in only ${latchedSteps} steps`);
 }
 
@@ -1056,32 +1110,178 @@ Deno.test("Digest tells apart word sequences that differ in a value, the order o
   assert.equal(seen.size, 10000);
 });
 
+// ---- IS_REMOTE_RECOVERING: safe (no write during another node's copy) and live (K1) ----
+
+const RR_REGIONS = 70;
+
+/** A replica resumed by nodes 1 and 2 with region 9 (and 40) out of sync. */
+function recoveringReplica(): LogReplica {
+  return syncedReplica(RR_REGIONS, [1, 2], [9, 40]);
+}
+
 Deno.test("apply(is_remote_recovering) answers not recovering once every member is suspending", () => {
   // A suspending kernel waits for its held writes, which wait for "not recovering": with no
   // resumed member left nobody recovers, so "recovering" would hang the suspend forever.
   const r = new LogReplica(config(70));
   ok(r.apply(1, { op: "resume" }));
-  const before = r.apply(1, { op: "is_remote_recovering", region: 9 });
-  assert.deepEqual(
-    [...before.data!],
-    [...remoteRecoveringBytes(true, 0)],
-    "out of sync while resumed",
-  );
+  assert.equal(work(r, 1), 0);
+  assert.deepEqual(remoteRecovering(r, 9), { recovering: 1, hint: 0 }, "out of sync, asking");
+  setSync(r, 1, 0);
   ok(r.apply(1, { op: "presuspend" }));
-  const during = r.apply(1, { op: "is_remote_recovering", region: 9 });
-  assert.deepEqual([...during.data!], [...remoteRecoveringBytes(false, 0)], "hint still truthful");
-  // Another member still resumed: it may recover, so the answer stays "recovering".
-  const c = new LogReplica(config(70));
-  ok(c.apply(1, { op: "resume" }));
-  ok(c.apply(2, { op: "resume" }));
-  ok(c.apply(1, { op: "presuspend" }));
-  assert.deepEqual([...c.apply(1, { op: "is_remote_recovering", region: 9 }).data!], [
-    ...remoteRecoveringBytes(true, 0),
-  ]);
+  assert.deepEqual(remoteRecovering(r, 9), { recovering: 0, hint: 1 }, "hint still truthful");
   ok(r.apply(1, { op: "resume" }));
-  assert.deepEqual([...r.apply(1, { op: "is_remote_recovering", region: 9 }).data!], [
-    ...remoteRecoveringBytes(true, 0),
-  ]);
+  assert.equal(r.isAsking(1), false, "a RESUME alone does not show recovery runs");
+  assert.equal(work(r, 1), 9, "asked about while it was resumed");
+  assert.deepEqual(remoteRecovering(r, 9), { recovering: 1, hint: 1 }, "it copies 9 now");
+  assertConsistent(r);
+});
+
+Deno.test("apply(is_remote_recovering) answers a suspending node not recovering while another member is resumed (K1)", () => {
+  // Node 2 is resumed but may never recover region 9 (its kernel saw the mirror in sync, or it
+  // is idle): "recovering" would hold node 1's write, and node 1's suspend, forever.
+  const r = recoveringReplica();
+  assert.equal(work(r, 2), 9);
+  setSync(r, 2, 9, false); // its copy failed; nobody holds 9 now
+  ok(r.apply(1, { op: "presuspend" }));
+  assert.deepEqual(remoteRecovering(r, 9), { recovering: 0, hint: 9 });
+  assert.deepEqual(r.reservations(), [[9, 1]]);
+  // The write/recovery race stays closed: until node 1's mark (then its clear), nobody else
+  // gets region 9, not even a node that asks for work right now.
+  assert.equal(work(r, 2), 40);
+  setSync(r, 2, 40);
+  assert.equal(work(r, 2), undefined, "9 is reserved for node 1's write");
+  ok(r.apply(1, { op: "flush", marks: [9] }));
+  assert.deepEqual(r.reservations(), [], "the mark takes over");
+  assert.equal(work(r, 2), undefined, "9 is marked by node 1");
+  ok(r.apply(1, { op: "clear", regions: [9] }));
+  assert.equal(work(r, 2), 9, "resynced after the write");
+  assertConsistent(r);
+});
+
+Deno.test("apply(is_remote_recovering) does not count on a member re-resumed from inside its suspend (K1)", () => {
+  // A kernel whose daemon lost the log re-sends CTR and RESUME from inside its own suspend: it
+  // is "resumed" again, but its recovery is stopped and it never asks for resync work.
+  const r = recoveringReplica();
+  assert.equal(work(r, 1), 9);
+  setSync(r, 1, 9);
+  ok(r.apply(1, { op: "presuspend" }));
+  r.nodeCrashed(2); // node 2 held a mark on nothing: nothing goes out of sync
+  ok(r.apply(2, { op: "resume" }));
+  ok(r.apply(1, { op: "resume" })); // the re-CTR's RESUME
+  assert.equal(r.memberState(1), "resumed");
+  assert.deepEqual(remoteRecovering(r, 40), { recovering: 0, hint: 40 });
+  assert.deepEqual(remoteRecovering(r, 40, 2), { recovering: 0, hint: 40 });
+  assert.equal(r.isAsking(1), false);
+  assert.deepEqual(r.reservations(), [[40, 1], [40, 2]]);
+  assertConsistent(r);
+});
+
+Deno.test("apply(is_remote_recovering) answers an asking node recovering, and it then gets the region", () => {
+  const r = recoveringReplica();
+  assert.equal(work(r, 1), 9);
+  assert.equal(r.isAsking(1), true);
+  assert.deepEqual(remoteRecovering(r, 40), { recovering: 1, hint: 9 }, "its own pass recovers it");
+  assert.deepEqual(r.priorityRegions(), [40]);
+  assert.deepEqual(r.reservations(), []);
+  setSync(r, 1, 9);
+  assert.equal(work(r, 1), 40, "its next GET_RESYNC_WORK");
+  assert.deepEqual(remoteRecovering(r, 40), { recovering: 1, hint: 40 }, "while it copies");
+  setSync(r, 1, 40);
+  assert.deepEqual(remoteRecovering(r, 40), { recovering: 0, hint: RR_REGIONS });
+  assertConsistent(r);
+});
+
+Deno.test("apply(is_remote_recovering) answers recovering while a resumed member holds the region, latched or not", () => {
+  // Under the in-sync latch every node writes to all legs: a copy in progress still must not
+  // race a write.
+  const l = syncedReplica(RR_REGIONS, [1, 2]);
+  setSync(l, 1, 5, false); // a failed write, the latch stays
+  assert.equal(l.inSyncLatch, true);
+  assert.equal(work(l, 2), 5);
+  assert.deepEqual(remoteRecovering(l, 5), { recovering: 1, hint: 5 });
+  setSync(l, 2, 5, false); // its copy failed too: nobody retries it forever on a write's behalf
+  assert.equal(work(l, 1), undefined);
+  assert.deepEqual(remoteRecovering(l, 5), { recovering: 0, hint: 5 }, "latched: not recovering");
+  const r = recoveringReplica();
+  assert.equal(work(r, 2), 9);
+  ok(r.apply(1, { op: "presuspend" }));
+  assert.deepEqual(remoteRecovering(r, 9), { recovering: 1, hint: 9 }, "node 2 copies it");
+  assert.deepEqual(r.reservations(), []);
+  // A suspending recoverer finished its copies before PRESUSPEND: its assignment copies nothing.
+  ok(r.apply(2, { op: "presuspend" }));
+  assert.deepEqual(remoteRecovering(r, 9), { recovering: 0, hint: 9 });
+  assert.deepEqual(r.reservations(), [[9, 1]]);
+  assertConsistent(r);
+  assertConsistent(l);
+});
+
+Deno.test("apply(is_remote_recovering) reservations end at a clear, a leave, a crash or a resync", () => {
+  const r = syncedReplica(RR_REGIONS, [1, 2, 3], [9, 40, 41]);
+  for (const n of [1, 2, 3]) ok(r.apply(n, { op: "presuspend" }));
+  for (const n of [1, 2, 3]) remoteRecovering(r, 40, n);
+  remoteRecovering(r, 41, 1);
+  remoteRecovering(r, 9, 2);
+  ok(r.apply(3, { op: "mark", regions: [9] }));
+  assert.deepEqual(remoteRecovering(r, 9, 3), { recovering: 0, hint: 9 });
+  assert.deepEqual(
+    r.reservations(),
+    [[9, 2], [40, 1], [40, 2], [40, 3], [41, 1]],
+    "a marker needs none",
+  );
+  ok(r.apply(1, { op: "clear", regions: [40] }));
+  ok(r.apply(2, { op: "postsuspend" }));
+  assert.deepEqual(r.reservations(), [[40, 3], [41, 1]]);
+  assert.equal(r.nodeCrashed(3), 0, "its mark was on a region already out of sync");
+  assert.deepEqual(r.reservations(), [[41, 1]]);
+  ok(r.apply(2, { op: "resume" }));
+  setSync(r, 2, 41);
+  assert.deepEqual(r.reservations(), []);
+  assertConsistent(r);
+});
+
+Deno.test("apply(is_remote_recovering) answers recovering once MAX_RESERVATIONS regions are reserved", () => {
+  const regions = MAX_RESERVATIONS + 10;
+  const r = new LogReplica(config(regions));
+  ok(r.apply(1, { op: "resume" }));
+  ok(r.apply(1, { op: "presuspend" }));
+  for (let i = 0; i < MAX_RESERVATIONS; i++) {
+    assert.equal(remoteRecovering(r, i).recovering, 0);
+  }
+  assert.equal(remoteRecovering(r, MAX_RESERVATIONS).recovering, 1, "full: the safe answer");
+  assert.equal(remoteRecovering(r, 0).recovering, 0, "an existing reservation still answers");
+  ok(r.apply(1, { op: "mark", regions: [0] }));
+  assert.equal(remoteRecovering(r, MAX_RESERVATIONS).recovering, 0);
+  assertConsistent(r);
+});
+
+Deno.test("checkpoint() carries asking members and reservations; digest() tells them apart", () => {
+  const a = recoveringReplica();
+  const b = recoveringReplica();
+  assert.equal(a.digest(), b.digest());
+  assert.equal(work(a, 2), 9);
+  assert.equal(work(b, 2), 9);
+  ok(a.apply(1, { op: "presuspend" }));
+  ok(b.apply(1, { op: "presuspend" }));
+  remoteRecovering(a, 40);
+  assert.notEqual(a.digest(), b.digest(), "a reservation is state");
+  remoteRecovering(b, 40);
+  assert.equal(a.digest(), b.digest());
+  ok(b.apply(2, { op: "resume" }));
+  assert.notEqual(a.digest(), b.digest(), "whether a member is asking is state");
+  const c = LogReplica.fromCheckpoint(a.config, a.checkpoint({ maxChunkBytes: 64 }));
+  assert.equal(c.digest(), a.digest());
+  assert.deepEqual(c.reservations(), [[40, 1]]);
+  assert.equal(c.isAsking(2), true);
+  assert.equal(c.isAsking(1), false);
+  // And both go on identically: the joiner keeps 40 from node 2 until node 1's write is over.
+  for (const x of [a, c]) {
+    setSync(x, 2, 9);
+    assert.equal(work(x, 2), undefined);
+    ok(x.apply(1, { op: "clear", regions: [40] }));
+    assert.equal(work(x, 2), 40);
+  }
+  assert.equal(c.digest(), a.digest());
+  assertConsistent(c);
 });
 
 Deno.test("diskDirtied says whether the untaken disk changes include a newly dirty bit", () => {

@@ -10,7 +10,8 @@
  * plus a per-region count, so every op costs O(regions in the op), never O(outstanding marks));
  * the on-disk clean image (clean = in sync and unmarked, always); recovery assignments, several
  * at once, one region per node; regions asked for first; the resync search position; the in-sync
- * latch; each member's suspend state; the disk failure flag.
+ * latch; each member's suspend state and whether it asks for resync work; regions reserved for a
+ * write answered "not recovering"; the disk failure flag.
  *
  * Decisions, where the kernel and the previous daemon leave room:
  * - A region is clean (IS_CLEAN, and on disk) only when in sync and marked by no node, so a
@@ -36,6 +37,23 @@
  * - IS_REMOTE_RECOVERING's `in_sync_hint` is the lowest region that is out of sync (the region
  *   count when none is): the kernel answers "not recovering" without asking for every region
  *   below the hint, so it must never exceed an out-of-sync region.
+ * - IS_REMOTE_RECOVERING's answer must be safe (no write lands on a region while another node
+ *   copies it) and live (the kernel requeues a write answered "recovering" and asks again, and a
+ *   suspend waits for that write, so "recovering" must end). An in-sync region is not
+ *   recovering. An out-of-sync region is "recovering" when (1) it is assigned to a member that is
+ *   resumed (it finishes or leaves; a suspending kernel finished its recovery before PRESUSPEND,
+ *   so its leftover assignment copies nothing), or (2) the asker itself is "asking": resumed and
+ *   has sent GET_RESYNC_WORK since its last RESUME. Its kernel's recovery then runs, our reply's
+ *   hint is at most this region, so its next pass (200 ms later) asks for resync work and gets
+ *   the region (it is queued first) or another one: progress either way. Not under the in-sync
+ *   latch: a region out of sync there failed a write or recovery, and recovering it again may
+ *   fail forever. Otherwise (3) the answer is "not recovering", and the region is *reserved* for
+ *   the asker: no other node gets it as resync work until the asker marks it (the mark then
+ *   blocks it until cleared, after the write), clears it, leaves, or it is set in sync. That
+ *   closes the window between the answer and the mark. "Resumed" alone proves nothing (K1): a
+ *   member whose kernel saw the mirror in sync stops asking for resync work, an idle one asks
+ *   only when woken, and a kernel re-CTRed inside its own suspend sends RESUME with its recovery
+ *   stopped; so the rule never counts on a member other than the asker to start recovering.
  *
  * @module
  */
@@ -61,6 +79,14 @@ import type {
  * a short list covers every waiting writer; further regions are found by the forward search.
  */
 export const MAX_PRIORITY_REGIONS = 64;
+
+/**
+ * Most regions reserved at once (an out-of-sync region answered "not recovering" and not yet
+ * marked by the asker). The kernel sends IS_REMOTE_RECOVERING at most 4 times a second and marks
+ * the region right after a "not recovering", so few are outstanding; when full, the answer is
+ * "recovering" (always safe) and the kernel asks again 200 ms later.
+ */
+export const MAX_RESERVATIONS = 256;
 
 /**
  * Most distinct nodes one replica tracks (members, mark holders, recoverers). Corosync itself
@@ -90,7 +116,7 @@ export type MemberState = "resumed" | "presuspended" | "suspended";
 const MEMBER_STATES: readonly MemberState[] = ["resumed", "presuspended", "suspended"];
 
 const CHECKPOINT_MAGIC = 0x4b434c43; // "CLCK" as little-endian bytes
-const CHECKPOINT_VERSION = 1;
+const CHECKPOINT_VERSION = 2;
 const FLAG_INITIALIZED = 1;
 const FLAG_LATCH = 2;
 const FLAG_DISK_FAILED = 4;
@@ -142,6 +168,11 @@ export class LogReplica implements LogReplicaLike {
   readonly #recoverer = new Map<number, NodeId>();
   readonly #recovering = new Map<NodeId, number>();
   #priority: number[] = [];
+  /** Resumed members that sent GET_RESYNC_WORK since their last RESUME (see the module comment). */
+  readonly #asking = new Set<NodeId>();
+  /** Region -> nodes told "not recovering" for it while out of sync, until they mark it. */
+  readonly #reserved = new Map<number, Set<NodeId>>();
+  #reservationCount = 0;
   // Local bookkeeping, not replicated state (not in the digest or checkpoint):
   readonly #dirtyWords = new Set<number>();
   #allDirty = false;
@@ -251,6 +282,26 @@ export class LogReplica implements LogReplicaLike {
     return [...this.#priority];
   }
 
+  /**
+   * True when `node` is resumed and sent GET_RESYNC_WORK since its last RESUME: its kernel runs
+   * recovery, so IS_REMOTE_RECOVERING may answer it "recovering".
+   */
+  isAsking(node: NodeId): boolean {
+    return this.#asking.has(node);
+  }
+
+  /**
+   * Reservations, as `[region, node]` ascending: out-of-sync regions answered "not recovering"
+   * to `node`, handed to no other node as resync work until `node` marks or clears them.
+   */
+  reservations(): [number, NodeId][] {
+    const out: [number, NodeId][] = [];
+    for (const region of [...this.#reserved.keys()].sort(ascending)) {
+      for (const node of [...this.#reserved.get(region)!].sort(ascending)) out.push([region, node]);
+    }
+    return out;
+  }
+
   /** True when `region` is in sync (the bit, not the latch). */
   isInSync(region: number): boolean {
     return region >= 0 && region < this.#regionCount && this.#sync.get(region);
@@ -266,6 +317,7 @@ export class LogReplica implements LogReplicaLike {
       case "presuspend":
         if (!this.#admit(node)) return this.#tooManyNodes(node);
         this.#members.set(node, "presuspended");
+        this.#asking.delete(node);
         return ok();
       case "postsuspend":
         if (!this.#admit(node)) return this.#tooManyNodes(node);
@@ -297,7 +349,11 @@ export class LogReplica implements LogReplicaLike {
       case "clear": {
         const bad = this.#checkRegions(op.regions);
         if (bad) return refuse(bad);
-        for (const r of op.regions) this.#clear(node, r);
+        for (const r of op.regions) {
+          // Cleared without a mark: the write answered "not recovering" is over (or never was).
+          this.#unreserve(node, r);
+          this.#clear(node, r);
+        }
         return ok();
       }
       case "get_resync_work":
@@ -316,7 +372,7 @@ export class LogReplica implements LogReplicaLike {
       case "status_table":
         return ok(statusBytes(statusTableText(this.#config)));
       case "is_remote_recovering":
-        return this.#isRemoteRecovering(op.region);
+        return this.#isRemoteRecovering(node, op.region);
       case "disk_failed":
         this.#diskFailed = true;
         return ok();
@@ -415,6 +471,12 @@ export class LogReplica implements LogReplicaLike {
     for (const r of assigned) d.u32(r).u32(this.#recoverer.get(r)!);
     d.u32(this.#priority.length);
     for (const r of this.#priority) d.u32(r);
+    const asking = [...this.#asking].sort(ascending);
+    d.u32(asking.length);
+    for (const node of asking) d.u32(node);
+    const reservations = this.reservations();
+    d.u32(reservations.length);
+    for (const [r, node] of reservations) d.u32(r).u32(node);
     d.words(this.#sync.words);
     if (this.#disk !== null) d.words(this.#disk.words);
     return d.hex();
@@ -436,6 +498,7 @@ export class LogReplica implements LogReplicaLike {
     let size = 32 + 8 * this.#members.size + 4;
     for (const node of markNodes) size += 8 + 4 * this.#marks.get(node)!.size;
     size += 4 + 8 * this.#recoverer.size + 4 + 4 * this.#priority.length;
+    size += 4 + 4 * this.#asking.size + 4 + 8 * this.#reservationCount;
     size += 4 + this.#sync.byteLength + 16;
 
     const buf = new Uint8Array(size);
@@ -460,6 +523,10 @@ export class LogReplica implements LogReplicaLike {
     }
     w.u32(this.#priority.length);
     for (const r of this.#priority) w.u32(r);
+    w.u32(this.#asking.size);
+    for (const node of [...this.#asking].sort(ascending)) w.u32(node);
+    w.u32(this.#reservationCount);
+    for (const [r, node] of this.reservations()) w.u32(r).u32(node);
     w.u32(this.#sync.wordCount);
     w.bytes(this.#sync.bytes());
     w.ascii(this.digest());
@@ -560,6 +627,22 @@ export class LogReplica implements LogReplicaLike {
         return `Priority region ${r} out of range or in sync`;
       }
     }
+    for (const node of this.#asking) {
+      if (this.#members.get(node) !== "resumed") return `Asking node ${node} is not resumed`;
+    }
+    let reservations = 0;
+    for (const [r, nodes] of this.#reserved) {
+      if (nodes.size === 0) return `Empty reservation set kept for region ${r}`;
+      if (!(r >= 0 && r < n) || this.#sync.get(r)) {
+        return `Reserved region ${r} out of range or in sync`;
+      }
+      for (const node of nodes) {
+        if (this.#marks.get(node)?.has(r)) return `Region ${r} reserved and marked by node ${node}`;
+      }
+      reservations += nodes.size;
+    }
+    if (reservations !== this.#reservationCount) return "Reservation count disagrees";
+    if (reservations > MAX_RESERVATIONS) return "Reservations over their limit";
     if (this.#lowOutOfSync > 0 && this.#sync.findNextZero(0) < this.#lowOutOfSync) {
       return "Out-of-sync cache is above an out-of-sync region";
     }
@@ -579,6 +662,9 @@ export class LogReplica implements LogReplicaLike {
     // bits across suspend/resume.
     if (!this.#initialized) this.#initialize(image);
     this.#members.set(node, "resumed");
+    // A RESUME also comes from a kernel re-sending CTR from inside its suspend (recovery
+    // stopped): only its next GET_RESYNC_WORK shows recovery runs.
+    this.#asking.delete(node);
     this.#searchPos = 0;
     return ok();
   }
@@ -618,6 +704,7 @@ export class LogReplica implements LogReplicaLike {
   }
 
   #getResyncWork(node: NodeId): OpResult {
+    if (this.#members.get(node) === "resumed") this.#asking.add(node);
     if (!this.#initialized) return ok(resyncWorkBytes(false, 0));
     // A resend (the kernel retries with a new seq) gets the same region back.
     const held = this.#recovering.get(node);
@@ -633,7 +720,11 @@ export class LogReplica implements LogReplicaLike {
 
   #pickResyncRegion(node: NodeId): number | undefined {
     for (const r of this.#priority) {
-      if (!this.#recoverer.has(r) && !this.#markedByOther(r, node)) return r;
+      if (
+        !this.#recoverer.has(r) && !this.#markedByOther(r, node) && !this.#reservedByOther(r, node)
+      ) {
+        return r;
+      }
     }
     let blocked = -1;
     let pos = this.#searchPos;
@@ -646,7 +737,7 @@ export class LogReplica implements LogReplicaLike {
       }
       pos = r + 1;
       if (this.#recoverer.has(r)) continue;
-      if (this.#markedByOther(r, node)) {
+      if (this.#markedByOther(r, node) || this.#reservedByOther(r, node)) {
         if (blocked < 0) blocked = r;
         continue;
       }
@@ -662,6 +753,7 @@ export class LogReplica implements LogReplicaLike {
         if (!this.#markCounts.has(region)) this.#setDisk(region, true);
       }
       this.#dropPriority(region);
+      this.#dropReservations(region);
       if (this.#syncCount === this.#regionCount) this.#latch = true;
     } else if (this.#sync.clear(region)) {
       this.#syncCount--;
@@ -671,31 +763,67 @@ export class LogReplica implements LogReplicaLike {
     this.#unassign(region);
   }
 
-  #isRemoteRecovering(region: number): OpResult {
+  /** The rule is in the module comment; it reads replicated state only. */
+  #isRemoteRecovering(node: NodeId, region: number): OpResult {
     const bad = this.#checkRegion(region);
     if (bad) return refuse(bad);
-    if (!this.#recoveryPossible()) {
-      // Every member is suspending or suspended, so nobody recovers anything until a RESUME
-      // (cmirrord's recovery_halted). A suspending kernel waits for its held writes, and a held
-      // write waits for "not recovering": answering "recovering" here deadlocks the suspend.
-      // Writes to an out-of-sync region go to the default leg only and are resynced later. The
-      // hint stays truthful: the kernel stops asking for resync work once it reaches the count.
-      return ok(remoteRecoveringBytes(false, this.#lowestOutOfSync()));
+    const hint = this.#lowestOutOfSync();
+    if (!this.#initialized || this.#sync.get(region)) {
+      return ok(remoteRecoveringBytes(false, hint));
     }
-    const outOfSync = !this.#sync.get(region);
-    if (
-      outOfSync && this.#initialized && !this.#recoverer.has(region) &&
-      this.#priority.length < MAX_PRIORITY_REGIONS && !this.#priority.includes(region)
-    ) {
-      this.#priority.push(region);
+    const recoverer = this.#recoverer.get(region);
+    if (recoverer !== undefined && this.#members.get(recoverer) === "resumed") {
+      return ok(remoteRecoveringBytes(true, hint));
     }
-    return ok(remoteRecoveringBytes(outOfSync && !this.#latch, this.#lowestOutOfSync()));
+    if (recoverer === undefined) this.#prioritize(region);
+    if (recoverer === undefined && !this.#latch && this.#asking.has(node)) {
+      return ok(remoteRecoveringBytes(true, hint));
+    }
+    // Its write goes to the default leg only (or to all under the latch) and the region is
+    // resynced after it; until its mark arrives, nobody else may start copying the region.
+    if (!this.#marks.get(node)?.has(region) && !this.#reserve(node, region)) {
+      return ok(remoteRecoveringBytes(true, hint));
+    }
+    return ok(remoteRecoveringBytes(false, hint));
   }
 
-  /** True while some member is resumed (not suspending): a kernel that may recover regions. */
-  #recoveryPossible(): boolean {
-    for (const state of this.#members.values()) if (state === "resumed") return true;
-    return false;
+  #prioritize(region: number): void {
+    if (this.#priority.length < MAX_PRIORITY_REGIONS && !this.#priority.includes(region)) {
+      this.#priority.push(region);
+    }
+  }
+
+  /** False when the reservation table is full or `node` cannot be admitted. */
+  #reserve(node: NodeId, region: number): boolean {
+    const nodes = this.#reserved.get(region);
+    if (nodes?.has(node)) return true;
+    if (this.#reservationCount >= MAX_RESERVATIONS || !this.#admit(node)) return false;
+    if (nodes === undefined) this.#reserved.set(region, new Set([node]));
+    else nodes.add(node);
+    this.#reservationCount++;
+    return true;
+  }
+
+  #unreserve(node: NodeId, region: number): void {
+    if (this.#reservationCount === 0) return;
+    const nodes = this.#reserved.get(region);
+    if (nodes === undefined || !nodes.delete(node)) return;
+    this.#reservationCount--;
+    if (nodes.size === 0) this.#reserved.delete(region);
+  }
+
+  #dropReservations(region: number): void {
+    if (this.#reservationCount === 0) return;
+    const nodes = this.#reserved.get(region);
+    if (nodes === undefined) return;
+    this.#reservationCount -= nodes.size;
+    this.#reserved.delete(region);
+  }
+
+  #reservedByOther(region: number, node: NodeId): boolean {
+    if (this.#reservationCount === 0) return false;
+    const nodes = this.#reserved.get(region);
+    return nodes !== undefined && nodes.size > (nodes.has(node) ? 1 : 0);
   }
 
   // ---- helpers ----
@@ -728,6 +856,8 @@ export class LogReplica implements LogReplicaLike {
     }
     if (set.has(region)) return;
     set.add(region);
+    // The mark now keeps the region from resync until the write is over.
+    this.#unreserve(node, region);
     const count = this.#markCounts.get(region) ?? 0;
     this.#markCounts.set(region, count + 1);
     if (count === 0) this.#setDisk(region, false);
@@ -771,6 +901,10 @@ export class LogReplica implements LogReplicaLike {
         this.#dropMarkCount(r);
         if (r < this.#searchPos) this.#searchPos = r;
       }
+    }
+    this.#asking.delete(node);
+    if (this.#reservationCount > 0) {
+      for (const r of [...this.#reserved.keys()]) this.#unreserve(node, r);
     }
     const region = this.#recovering.get(node);
     if (region !== undefined) {
@@ -836,11 +970,13 @@ export class LogReplica implements LogReplicaLike {
   /** False when `node` is new and the replica already tracks {@link MAX_NODES} nodes. */
   #admit(node: NodeId): boolean {
     if (this.#members.has(node) || this.#marks.has(node) || this.#recovering.has(node)) return true;
+    for (const nodes of this.#reserved.values()) if (nodes.has(node)) return true;
     const known = new Set([
       ...this.#members.keys(),
       ...this.#marks.keys(),
       ...this.#recovering.keys(),
     ]);
+    for (const nodes of this.#reserved.values()) for (const n of nodes) known.add(n);
     return known.size < MAX_NODES;
   }
 
@@ -939,6 +1075,32 @@ export class LogReplica implements LogReplicaLike {
       priority.push(region);
     }
     this.#priority = priority;
+    const askingCount = r.count(4);
+    last = -1;
+    for (let i = 0; i < askingCount; i++) {
+      const node = r.u32();
+      if (node <= last || this.#members.get(node) !== "resumed") {
+        throw new CheckpointError("bad asking member");
+      }
+      last = node;
+      this.#asking.add(node);
+    }
+    const reservationCount = r.count(8);
+    if (reservationCount > MAX_RESERVATIONS) throw new CheckpointError("too many reservations");
+    let lastRegion = -1;
+    last = -1;
+    for (let i = 0; i < reservationCount; i++) {
+      const region = r.u32();
+      const node = r.u32();
+      if (region >= regionCount || region < lastRegion || (region === lastRegion && node <= last)) {
+        throw new CheckpointError("bad reservation");
+      }
+      lastRegion = region;
+      last = node;
+      nodes.add(node);
+      if (!this.#reserve(node, region)) throw new CheckpointError("bad reservation");
+    }
+    if (nodes.size > MAX_NODES) throw new CheckpointError(`more than ${MAX_NODES} nodes`);
     const wordCount = r.u32();
     if (wordCount !== this.#sync.wordCount) throw new CheckpointError("sync bitmap size differs");
     const raw = r.bytes(wordCount * 4);
@@ -964,6 +1126,14 @@ export class LogReplica implements LogReplicaLike {
     }
     for (const region of priority) {
       if (this.#sync.get(region)) throw new CheckpointError(`priority region ${region} is in sync`);
+    }
+    for (const [region, holders] of this.#reserved) {
+      if (this.#sync.get(region)) throw new CheckpointError(`reserved region ${region} is in sync`);
+      for (const node of holders) {
+        if (this.#marks.get(node)?.has(region)) {
+          throw new CheckpointError(`reserved region ${region} is marked by its holder ${node}`);
+        }
+      }
     }
     this.#initialized = (flags & FLAG_INITIALIZED) !== 0;
     this.#latch = (flags & FLAG_LATCH) !== 0;
