@@ -126,6 +126,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
     node: { ...node.stats, pending: node.pendingCount },
     cluster: { ...node.clusterStats },
     transport: transport.stats(),
+    quorum: transport instanceof CpgTransport ? transport.quorumState : null,
   });
 
   let control: ControlServer;

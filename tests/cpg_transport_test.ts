@@ -36,7 +36,10 @@ async function ip(netns: NetworkNamespace, args: string[]): Promise<void> {
   }
 }
 
-/** Two corosync nodes (ids 1 and 2) in two namespaces joined by a veth pair. */
+/**
+ * Two corosync nodes (ids 1 and 2) in two namespaces joined by a veth pair, with `two_node`
+ * quorum and no `wait_for_all`: each node alone is quorate.
+ */
 class TwoNodes implements AsyncDisposable {
   readonly namespaces: NetworkNamespace[];
   readonly nodes: Corosync[] = [];
@@ -60,7 +63,15 @@ class TwoNodes implements AsyncDisposable {
       const nodes = addresses.map((address, i) => ({ nodeid: i + 1, address }));
       const started = await Promise.allSettled(
         [a, b].map((netns, i) =>
-          Corosync.start({ netns, nodeid: i + 1, nodes, clusterName: "cpgt" })
+          Corosync.start({
+            netns,
+            nodeid: i + 1,
+            nodes,
+            clusterName: "cpgt",
+            // Either node alone stays quorate (it is killed and restarted alone below); with
+            // votequorum's default, the survivor of two nodes that met would not be.
+            quorum: { provider: "votequorum", twoNode: true, waitForAll: false },
+          })
         ),
       );
       for (const s of started) if (s.status === "fulfilled") cluster.nodes.push(s.value);
@@ -88,7 +99,10 @@ class Harness implements AsyncDisposable {
   readonly #running = this.loop.run();
   readonly #transports: CpgTransport[] = [];
 
-  /** A transport of node `corosync`, connected (also on reconnection) inside its namespace. */
+  /**
+   * A transport of node `corosync`, connected (also on reconnection) inside its namespace, with
+   * quorum tracked there too (these clusters are quorate with any number of nodes).
+   */
   connect(
     corosync: Corosync,
     options: { group?: string; limits?: Partial<CpgLimits> } = {},
@@ -99,6 +113,7 @@ class Harness implements AsyncDisposable {
       logger,
       limits: options.limits,
       open: (callbacks) => corosync.openCpg(callbacks),
+      openQuorum: (callbacks) => corosync.openQuorum(callbacks),
     });
     this.#transports.push(transport);
     return transport;

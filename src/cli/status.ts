@@ -7,6 +7,7 @@
 import { parseArgs } from "node:util";
 import { controlRequest, DEFAULT_CONTROL_PATH } from "../control.ts";
 import type { LogStatus } from "../node.ts";
+import type { QuorumState } from "../bus/cpg.ts";
 
 const HELP = `Usage: clogd status [--json] [--control PATH]
 
@@ -34,6 +35,8 @@ export interface DaemonStatus {
   node: Record<string, number>;
   cluster: Record<string, number>;
   transport: Record<string, number>;
+  /** corosync's quorum as this node sees it (null standalone). */
+  quorum: QuorumState | null;
 }
 
 /** Runs the status command; returns the exit code. */
@@ -80,6 +83,14 @@ export function formatStatus(s: DaemonStatus): string {
       s.connected ? "" : " (NOT CONNECTED to the cluster)"
     }, up ${s.uptimeSeconds.toFixed(0)} s, ${s.logs.length} log(s)`,
   ];
+  if (s.quorum !== null) {
+    lines.push(
+      `quorum: ${
+        s.quorum.quorate ? "quorate" : "NOT QUORATE (not serving)"
+      }, provider ${s.quorum.provider}` +
+        (s.quorum.ring !== null ? `, ring ${s.quorum.ring} [${s.quorum.members.join(",")}]` : ""),
+    );
+  }
   for (const l of s.logs) {
     lines.push(
       `  ${l.uuid} luid ${l.luid} ${l.type}${l.device ? ` ${l.device}` : ""} ${l.state}${

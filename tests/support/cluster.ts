@@ -14,6 +14,15 @@
  *   `corosync-cfgtool -R` after rewriting every node's corosync.conf, but that is a second,
  *   cluster-wide operation racing the fault under test; a spare entry costs nothing while its
  *   node is absent (knet marks its link down, totem never waits for it).
+ * - Quorum ({@link ClusterOptions.quorum}): by default votequorum with `expected_votes` set to
+ *   the number of nodes started, so a majority partition stays quorate and a minority does not,
+ *   as in a real storage cluster (clogd serves only while quorate). It is set explicitly: left
+ *   to itself votequorum counts every nodelist entry, spares included, so 3 nodes of a 4-entry
+ *   nodelist would need 3 votes (corosync-quorumtool: "Expected votes: 4", "Quorum: 3"). A node
+ *   added later raises votequorum's expected votes by itself (it keeps the most votes it has
+ *   seen: that is also why the former `expected_votes: 1` was no "always quorate" once the
+ *   nodes had met). "two_node" is the two-guest setting (either node alone stays quorate: it
+ *   relies on fencing); "none" (no provider) is for tests that want every partition quorate.
  * - Totem: `token` {@link CLUSTER_TOKEN_MS} and `token_coefficient: 0`. corosync adds the
  *   coefficient (650 ms by default) to the token timeout per node beyond two, spares included,
  *   so without it 3 nodes with `token: 300` detect a failure after ~2 s instead of ~0.65 s.
@@ -51,7 +60,7 @@
 import { controlRequest } from "../../src/control.ts";
 import type { DaemonStatus } from "../../src/cli/status.ts";
 import type { KernelSimReport } from "../../src/sim/cli.ts";
-import { Corosync } from "./corosync.ts";
+import { Corosync, type CorosyncQuorum } from "./corosync.ts";
 import { NetworkNamespace } from "./netns.ts";
 
 /** Repository root. */
@@ -110,7 +119,21 @@ export interface ClusterOptions {
   monitor?: boolean;
   /** Install the synchronous process-exit cleanup hook. Default true. */
   exitHook?: boolean;
+  /**
+   * How corosync decides quorum (see the module doc); default "majority".
+   * - "majority": votequorum with `expected_votes` = `nodes` (spares in the nodelist do not
+   *   count until they join): 3 nodes are quorate with 2, a node cut off alone is not.
+   * - "two_node": votequorum `two_node: 1` (needs `nodes: 2` and no spares): either node alone
+   *   stays quorate. Only safe with fencing, which this harness does not do: a partition leaves
+   *   both sides quorate.
+   * - "none": no quorum provider (QUORUM_FREE): every partition is quorate, corosync cannot
+   *   tell a partition from a crash (clogd warns, and serves on both sides of a partition).
+   */
+  quorum?: ClusterQuorum;
 }
+
+/** See {@link ClusterOptions.quorum}. */
+export type ClusterQuorum = "majority" | "two_node" | "none";
 
 /** Options of {@link Cluster.startLoad}: a `clogd kernel-sim` run on one node. */
 export interface LoadOptions {
@@ -379,6 +402,9 @@ export class Cluster implements AsyncDisposable {
     }
     if (!Number.isInteger(maxNodes) || maxNodes < options.nodes || maxNodes > MAX_CLUSTER_NODES) {
       throw new RangeError(`maxNodes must be in ${options.nodes}..${MAX_CLUSTER_NODES}`);
+    }
+    if (options.quorum === "two_node" && (options.nodes !== 2 || maxNodes !== 2)) {
+      throw new RangeError("quorum two_node needs exactly 2 nodes and no spares");
     }
     const suffix = clusterCounter++ === 0 ? "" : `x${clusterCounter}`;
     const name = options.name ?? `clogd-c${Deno.pid}${suffix}`;
@@ -847,6 +873,7 @@ export class Cluster implements AsyncDisposable {
         tokenCoefficientMs: 0,
         timestamp: "hires",
         dir: `${dir}/corosync`,
+        quorum: this.#corosyncQuorum(),
       });
     } catch (error) {
       await netns.delete().catch(() => {});
@@ -875,6 +902,18 @@ export class Cluster implements AsyncDisposable {
       node.setMonitor(monitor);
     }
     await this.#writeManifest();
+  }
+
+  /** corosync's quorum section for {@link ClusterOptions.quorum}. */
+  #corosyncQuorum(): CorosyncQuorum {
+    switch (this.#options.quorum ?? "majority") {
+      case "majority":
+        return { provider: "votequorum", expectedVotes: this.#options.nodes };
+      case "two_node":
+        return { provider: "votequorum", twoNode: true };
+      case "none":
+        return { provider: "none" };
+    }
   }
 
   /** Spawns `command` in the node's namespace with stderr appended to `logPath`. */

@@ -44,6 +44,7 @@ import {
   CS_OK,
 } from "../../ffi/cpg.ts";
 import { libc, POLLFD, POLLIN } from "../../ffi/libc.ts";
+import { type QuorumCallbacks, QuorumHandle } from "../../ffi/quorum.ts";
 import { NetworkNamespace } from "./netns.ts";
 
 /** Prefix of the namespaces and directories this helper creates. */
@@ -88,13 +89,65 @@ export interface CorosyncConfOptions {
   tokenCoefficientMs?: number;
   /** Log timestamps: "on" (seconds, the default) or "hires" (milliseconds). */
   timestamp?: "on" | "hires";
+  /** The quorum section; default {@link DEFAULT_TEST_QUORUM}. */
+  quorum?: CorosyncQuorum;
+}
+
+/**
+ * How the test cluster decides quorum (corosync.conf's `quorum` section):
+ * - `{ provider: "votequorum", expectedVotes: N }`: votequorum with `expected_votes: N`, one vote
+ *   per node: a partition is quorate with more than half of the expected votes. votequorum
+ *   raises its expected votes to the most votes it has seen present, and never lowers them by
+ *   itself: `expected_votes: 1` ({@link DEFAULT_TEST_QUORUM}) makes a lone node quorate, but
+ *   once 3 nodes met, a partition needs 2 of them (checked with corosync-quorumtool: "Expected
+ *   votes: 3", "Quorum: 2" after the start, node 2 cut off "Quorate: No"). Without
+ *   `expectedVotes` the section has no `expected_votes` and votequorum counts every nodelist
+ *   entry, spares included (3 nodes of a 4-entry nodelist: "Expected votes: 4", "Quorum: 3").
+ * - `{ provider: "votequorum", twoNode: true }`: `two_node: 1` (and `expected_votes: 2`): each of
+ *   two nodes stays quorate when the other is lost. Only safe with fencing: a partition leaves
+ *   both halves quorate, and the node that should stop must be powered off by the other.
+ *   votequorum also turns on `wait_for_all` (after a start, quorate only once both nodes were
+ *   seen) unless `waitForAll: false`.
+ * - `{ provider: "none" }`: no quorum section at all (`quorum_type` QUORUM_FREE): corosync
+ *   reports every partition quorate and cannot tell a partition from a crash.
+ */
+export type CorosyncQuorum =
+  | { provider: "votequorum"; expectedVotes?: number; twoNode?: false }
+  | { provider: "votequorum"; twoNode: true; waitForAll?: boolean }
+  | { provider: "none" };
+
+/**
+ * The default of {@link corosyncConf}: votequorum with `expected_votes: 1`. A lone node is
+ * quorate; several nodes, once they met, need a majority of them (see {@link CorosyncQuorum}).
+ */
+export const DEFAULT_TEST_QUORUM: CorosyncQuorum = { provider: "votequorum", expectedVotes: 1 };
+
+/** The `quorum { ... }` lines of a corosync.conf (none for `provider: "none"`). */
+export function quorumSection(quorum: CorosyncQuorum): string[] {
+  if (quorum.provider === "none") return [];
+  if (quorum.twoNode) {
+    return [
+      "quorum {",
+      "  provider: corosync_votequorum",
+      "  expected_votes: 2",
+      "  two_node: 1",
+      ...(quorum.waitForAll === false ? ["  wait_for_all: 0"] : []),
+      "}",
+    ];
+  }
+  const expected = quorum.expectedVotes;
+  if (expected === undefined) return ["quorum {", "  provider: corosync_votequorum", "}"];
+  if (!Number.isInteger(expected) || expected < 1) {
+    throw new RangeError(`expected_votes must be a positive integer, got ${expected}`);
+  }
+  return ["quorum {", "  provider: corosync_votequorum", `  expected_votes: ${expected}`, "}"];
 }
 
 /**
  * A corosync.conf for tests: totem version 2 without crypto, a short token, scheduling left to
  * the kernel (`sched_rr: no`: real-time priority would starve the other processes of a shared
- * 2-core machine), votequorum that is quorate with one vote per node present (`expected_votes`
- * 1), logging only to DIR/corosync.log.
+ * 2-core machine), quorum as `options.quorum` says (default {@link DEFAULT_TEST_QUORUM}),
+ * logging only to DIR/corosync.log.
  */
 export function corosyncConf(options: CorosyncConfOptions): string {
   if (options.nodes.length === 0) throw new RangeError("corosync needs at least one node");
@@ -130,10 +183,7 @@ export function corosyncConf(options: CorosyncConfOptions): string {
     "  to_stderr: no",
     `  timestamp: ${options.timestamp ?? "on"}`,
     "}",
-    "quorum {",
-    "  provider: corosync_votequorum",
-    "  expected_votes: 1",
-    "}",
+    ...quorumSection(options.quorum ?? DEFAULT_TEST_QUORUM),
     "nodelist {",
     ...nodes,
     "}",
@@ -162,6 +212,8 @@ export interface CorosyncOptions {
   tokenCoefficientMs?: number;
   /** See {@link CorosyncConfOptions.timestamp}. */
   timestamp?: "on" | "hires";
+  /** See {@link CorosyncConfOptions.quorum}. */
+  quorum?: CorosyncQuorum;
   /**
    * The instance's directory (created; must not exist yet, or be empty); removed by
    * {@link Corosync.stop} like the default, a new temporary directory.
@@ -238,6 +290,7 @@ export class Corosync implements AsyncDisposable {
           tokenMs: options.tokenMs,
           tokenCoefficientMs: options.tokenCoefficientMs,
           timestamp: options.timestamp,
+          quorum: options.quorum,
         }),
       );
       const corosync = new Corosync(netns, dir, { nodeid, ownsNetns, shmBefore });
@@ -369,6 +422,15 @@ export class Corosync implements AsyncDisposable {
    */
   openCpg(callbacks: CpgCallbacks): CpgHandle {
     return this.netns.enter(() => CpgHandle.open(callbacks));
+  }
+
+  /**
+   * Opens a quorum handle in this process, connected to this corosync (like {@link openCpg}).
+   *
+   * @throws QuorumError as {@link QuorumHandle.open} does
+   */
+  openQuorum(callbacks: QuorumCallbacks = {}): QuorumHandle {
+    return this.netns.enter(() => QuorumHandle.open(callbacks));
   }
 
   /**
