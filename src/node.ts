@@ -17,7 +17,7 @@
 
 import { Errno, logKey, type Reply, type Request, RequestType } from "./kernel/protocol.ts";
 import { requestTypeName } from "./kernel/protocol.ts";
-import type { LogConfig, NodeId, OpResult } from "./log/types.ts";
+import type { DiskImage, LogConfig, NodeId, OpResult } from "./log/types.ts";
 import { LogReplica } from "./log/replica.ts";
 import { Digest } from "./log/digest.ts";
 import { parseCtr } from "./log/ctr.ts";
@@ -60,6 +60,8 @@ interface LogSlot {
   disk: DiskLog | null;
   /** Set while a clustered-disk log's device is being opened. */
   opening: Promise<void> | null;
+  /** Set while the disk log is being read for a RESUME. */
+  loading: Promise<DiskImage | undefined> | null;
   /** CTR string as received (for the log and status). */
   ctr: string;
   /**
@@ -258,7 +260,19 @@ export class Node {
 
   /** Carries out the core's effects, in order. */
   #run(effects: Effect[]): void {
+    // Every effect is carried out even if one fails: a skipped multicast or disk write would
+    // leave the cluster waiting on this node.
     for (const e of effects) {
+      try {
+        this.#effect(e);
+      } catch (err) {
+        this.#log.error(`Internal error carrying out a ${e.kind} effect: ${errText(err)}`);
+      }
+    }
+  }
+
+  #effect(e: Effect): void {
+    {
       switch (e.kind) {
         case "reply":
           this.#replied(e.tag, e.result);
@@ -365,6 +379,7 @@ export class Node {
       state: "opening",
       disk: null,
       opening: null,
+      loading: null,
       ctr: text,
       reconnect: countedNul,
     };
@@ -406,6 +421,15 @@ export class Node {
     if (this.#core.logStatus(slot.clusterKey) === "member") {
       return this.#submit(request, slot, { op: "resume" });
     }
+    // Every kernel thread that got -ESRCH resends CTR and RESUME on its own: RESUMEs arriving
+    // while the disk is being read share that read (a second concurrent load is refused by the
+    // store, and must not be mistaken for an unreadable device).
+    slot.loading ??= this.#loadDisk(slot).finally(() => slot.loading = null);
+    slot.loading.then((diskImage) => this.#submit(request, slot, { op: "resume", diskImage }));
+  }
+
+  /** Reads the disk log for a RESUME: the image, or a failed one (every region out of sync). */
+  async #loadDisk(slot: LogSlot): Promise<DiskImage | undefined> {
     const disk = slot.disk!;
     const mode = slot.reconnect ? "default" : slot.config.sync;
     if (slot.reconnect && slot.config.sync !== "default") {
@@ -413,21 +437,16 @@ export class Node {
         `Log ${slot.config.uuid} rebuilt by the kernel after a daemon restart: reading its disk log despite "${slot.config.sync}" in the table`,
       );
     }
-    disk.load(mode).then(
-      ({ image, warning }) => {
-        if (warning !== undefined) this.#log.warn(`Disk log ${disk.describe()}: ${warning}`);
-        this.#submit(request, slot, { op: "resume", diskImage: image });
-      },
-      (err) => {
-        this.#log.error(
-          `Disk log ${disk.describe()} unreadable: ${errText(err)}; every region out of sync`,
-        );
-        this.#submit(request, slot, {
-          op: "resume",
-          diskImage: { nrRegions: 0, cleanBits: new Uint8Array(0), failed: true },
-        });
-      },
-    );
+    try {
+      const { image, warning } = await disk.load(mode);
+      if (warning !== undefined) this.#log.warn(`Disk log ${disk.describe()}: ${warning}`);
+      return image;
+    } catch (err) {
+      this.#log.error(
+        `Disk log ${disk.describe()} unreadable: ${errText(err)}; every region out of sync`,
+      );
+      return { nrRegions: 0, cleanBits: new Uint8Array(0), failed: true };
+    }
   }
 
   #dtr(request: Request, slot: LogSlot): void {
@@ -466,7 +485,15 @@ export class Node {
   #answer(request: Request, reply: Reply): void {
     this.stats.replies++;
     if (reply.errno !== 0) this.stats.errors++;
-    this.#io.reply(request, reply);
+    try {
+      this.#io.reply(request, reply);
+    } catch (err) {
+      this.#log.limited(
+        "error",
+        "reply-failed",
+        `Reply to ${requestTypeName(request.type)} seq ${request.seq} failed: ${errText(err)}`,
+      );
+    }
   }
 
   /** Wait for disk writes in flight (used before exit). */

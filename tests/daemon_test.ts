@@ -9,7 +9,7 @@ import { withNetns } from "./support/netns.ts";
 import { DaemonProcess, DENO, KernelPeer, REPO, sleep } from "./support/daemon.ts";
 import { FIXTURE_REQUESTS, loadFixture } from "./support/fixture.ts";
 import { Errno, RequestType } from "../src/kernel/protocol.ts";
-import type { RequestSpec } from "../src/kernel/codec.ts";
+import { encodeRequest, type RequestSpec } from "../src/kernel/codec.ts";
 
 const enc = new TextEncoder();
 const dec = new TextDecoder();
@@ -311,6 +311,81 @@ Deno.test("disk log: a FLUSH that dirtied nothing writes its clean bits without 
           before + 1,
           "a marking FLUSH syncs",
         );
+      } finally {
+        peer.close();
+        await daemon.stop();
+      }
+    });
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("a peer that closes its socket with requests in flight does not stop the daemon", async () => {
+  await withNetns(async (netns) => {
+    const daemon = await DaemonProcess.start(netns);
+    try {
+      const peer = new KernelPeer(netns);
+      // A burst the daemon answers at once (-ESRCH: unknown log), then the socket goes away
+      // before the daemon has sent every reply: its sends get ECONNREFUSED.
+      for (let i = 0; i < 2000; i++) {
+        const seq = peer.nextSeq();
+        try {
+          peer.sendRaw(encodeRequest(
+            { ...spec("gone-peer", RequestType.IN_SYNC, u64(1)), seq },
+            { cnSeq: seq },
+          ));
+        } catch {
+          break;
+        }
+      }
+      peer.close();
+      await sleep(500);
+      assert.equal(daemon.exited, false, daemon.stderr);
+      const st = await daemon.query();
+      assert.ok(
+        st.kernelLink.peerGone > 0,
+        `replies to the closed port dropped: ${JSON.stringify(st.kernelLink)}`,
+      );
+      const next = new KernelPeer(netns);
+      try {
+        const r = await next.request(spec("after", RequestType.IN_SYNC, u64(1)));
+        assert.equal(r.errno, Errno.ESRCH, "a new peer is still served");
+      } finally {
+        next.close();
+      }
+    } finally {
+      await daemon.stop();
+    }
+  });
+});
+
+Deno.test("disk log: two RESUMEs in flight at once share one read of the disk", async () => {
+  const dir = await Deno.makeTempDir({ prefix: "clogd-double-resume-" });
+  try {
+    await withNetns(async (netns) => {
+      const file = `${dir}/log.img`;
+      await Deno.writeFile(file, new Uint8Array(64 * 1024));
+      const daemon = await DaemonProcess.start(netns, { dir });
+      const peer = new KernelPeer(netns);
+      try {
+        const uuid = "double-resume";
+        const ctr = await peer.request(
+          spec(uuid, RequestType.CTR, enc.encode(`${1024 * 1024} clustered-disk ${file} 1024`)),
+        );
+        assert.equal(ctr.errno, 0);
+        // The kernel's -ESRCH path does this: every thread re-sends CTR and RESUME.
+        const seqs = [peer.nextSeq(), peer.nextSeq()];
+        for (const seq of seqs) {
+          peer.sendRaw(
+            encodeRequest({ ...spec(uuid, RequestType.RESUME), seq }, { cnSeq: seq }),
+          );
+        }
+        for (const seq of seqs) assert.equal((await peer.waitReply(seq)).errno, 0);
+        const l = (await daemon.query()).logs[0];
+        assert.equal(l.diskFailed, false, daemon.stderr);
+        assert.equal(l.state, "resumed");
+        assert.doesNotMatch(daemon.stderr, /unreadable/);
       } finally {
         peer.close();
         await daemon.stop();

@@ -13,6 +13,7 @@ import type { LayoutMode } from "./codec.ts";
 import { decodeDatagram, encodeErrorReply, encodeReply } from "./codec.ts";
 import { CONNECTOR_MAX_MSG_SIZE, type Reply, type Request, requestTypeName } from "./protocol.ts";
 import type { Logger } from "../logger.ts";
+import { ECONNREFUSED, ErrnoError } from "../../ffi/libc.ts";
 
 /** The part of a datagram socket the link uses. */
 export interface DatagramSocket {
@@ -55,6 +56,8 @@ export interface LinkStats {
   replies: number;
   sendRetries: number;
   sendDropped: number;
+  /** Replies to a peer that is gone (its socket closed: ECONNREFUSED), dropped. */
+  peerGone: number;
 }
 
 /** Owns the receive side and reply framing of one connector socket. */
@@ -72,6 +75,7 @@ export class KernelLink {
     replies: 0,
     sendRetries: 0,
     sendDropped: 0,
+    peerGone: 0,
   };
 
   constructor(sock: DatagramSocket, opts: KernelLinkOptions) {
@@ -152,7 +156,7 @@ export class KernelLink {
   }
 
   #send(bytes: Uint8Array, portId: number): void {
-    if (this.#outbox.length > 0 || !this.#sock.send(bytes, { portId })) {
+    if (this.#outbox.length > 0 || !this.#trySend(bytes, portId)) {
       if (this.#outbox.length >= MAX_OUTBOX) {
         this.stats.sendDropped++;
         this.#opts.logger.limited(
@@ -173,9 +177,30 @@ export class KernelLink {
     let i = 0;
     while (i < this.#outbox.length) {
       const { bytes, portId } = this.#outbox[i];
-      if (!this.#sock.send(bytes, { portId })) break;
+      if (!this.#trySend(bytes, portId)) break;
       i++;
     }
     if (i > 0) this.#outbox = this.#outbox.slice(i);
+  }
+
+  /**
+   * One send: true when it is done with (sent, or dropped because the peer is gone), false
+   * when the socket cannot take it now. A user-space peer may close its socket with requests
+   * in flight (the kernel never does): that reply has nobody to go to, and must not become an
+   * exception in the middle of the cluster core's effects.
+   */
+  #trySend(bytes: Uint8Array, portId: number): boolean {
+    try {
+      return this.#sock.send(bytes, { portId });
+    } catch (err) {
+      if (!(err instanceof ErrnoError) || err.errno !== ECONNREFUSED) throw err;
+      this.stats.peerGone++;
+      this.#opts.logger.limited(
+        "info",
+        "peer-gone",
+        `Reply to port ${portId} dropped: the peer closed its socket (ECONNREFUSED)`,
+      );
+      return true;
+    }
   }
 }
