@@ -1159,3 +1159,129 @@ Deno.test("KernelModel retries after -ESRCH with the reply room the -ESRCH reply
   assert.ok(tampered);
   assert.deepEqual(kinds(h.model), ["too-large"], "the retried request's answer no longer fits");
 });
+
+// ---------------------------------------------------------------------------------------------
+// Holds and slow requests (kernel-sim --snapshot, for the cluster tests' disk log check)
+
+Deno.test("LogChecker.holds gets a mark once a later FLUSH is answered and loses it at its CLEAR", () => {
+  const h = harness({
+    kernel: { ioLatencyMs: 5 },
+    mirrors: [{ sync: "nosync", initialSync: "in", trackHolds: true }],
+    workload: null,
+  });
+  h.model.command(0, "create");
+  pump(h);
+  const checker = h.model.checker(0);
+  h.model.submitIo(0, true, 9);
+  pump(h, { until: () => checker.marked > 0 });
+  assert.equal(checker.holds.has(9), false, "acknowledged, not yet flushed");
+  pump(h, { until: () => checker.holds.has(9) });
+  const last = h.sent.at(-1)!;
+  assert.equal(requestTypeName(last.type), "FLUSH");
+  assert.equal(checker.holds.get(9), h.now, "held from the FLUSH's answer");
+  pump(h, { until: () => h.sent.at(-1)!.type === RequestType.CLEAR_REGION });
+  assert.equal(checker.holds.size, 0, "released when the CLEAR is sent");
+  pump(h);
+  assert.equal(h.model.stats.writesDone, 1);
+  assertClean(h.model);
+});
+
+Deno.test("LogChecker.holds with integrated flush: the FLUSH carrying the mark makes it durable", () => {
+  const h = harness({
+    kernel: { ioLatencyMs: 5 },
+    mirrors: [{ sync: "nosync", initialSync: "in", integratedFlush: true, trackHolds: true }],
+    workload: null,
+  });
+  h.model.command(0, "create");
+  pump(h);
+  const checker = h.model.checker(0);
+  h.model.submitIo(0, true, 3);
+  pump(h, { until: () => checker.holds.has(3) });
+  assert.equal(requestTypeName(h.sent.at(-1)!.type), "FLUSH");
+  assert.deepEqual(h.sent.at(-1)!.regions, [3]);
+});
+
+Deno.test("LogChecker.holds and syncedAt stay empty without trackHolds and are reset by -ESRCH", () => {
+  const plain = harness({ kernel: { ioLatencyMs: 5 }, workload: QUIET });
+  pump(plain, { maxMs: 1000 });
+  plain.model.submitIo(0, true, 1);
+  pump(plain, { until: () => plain.model.checker(0).marked > 0 });
+  pump(plain, { until: () => plain.sent.at(-1)!.type === RequestType.CLEAR_REGION });
+  assert.equal(plain.model.checker(0).holds.size, 0);
+  assert.equal(plain.model.checker(0).syncedAt.size, 0);
+
+  const h = harness({
+    kernel: { ioLatencyMs: 50 },
+    mirrors: [{ trackHolds: true }],
+    workload: QUIET,
+  });
+  pump(h, { maxMs: 1000 });
+  const checker = h.model.checker(0);
+  // The resync set every region of the fresh core log in sync.
+  assert.equal(checker.syncedAt.size, h.model.regionCount(0));
+  h.model.submitIo(0, true, 2);
+  pump(h, { until: () => checker.holds.has(2) });
+  // A read's IN_SYNC, while the write's mark on region 2 is held, gets -ESRCH.
+  h.model.submitIo(0, false, 5);
+  let heldAtRestart = false;
+  pump(h, {
+    until: () => heldAtRestart,
+    tamper: (call, reply) => {
+      if (heldAtRestart || call.type !== RequestType.IN_SYNC) return reply;
+      heldAtRestart = checker.holds.has(2);
+      h.daemon.logs.clear();
+      return { seq: call.seq, errno: Errno.ESRCH, kind: "ack", data: new Uint8Array(0) };
+    },
+  });
+  assert.ok(heldAtRestart);
+  assert.equal(checker.holds.size, 0, "the daemon lost the log, and the mark with it");
+});
+
+Deno.test("KernelModel.slow lists answers slower than slowRequestMs and timeouts", () => {
+  const h = harness({ kernel: { timeoutMs: 100, slowRequestMs: 40 }, workload: { ios: 0 } });
+  let held: { reply: ModelReply; at: number } | null = null;
+  let dropped = false;
+  pump(h, {
+    tamper: (call, reply) => {
+      if (call.type === RequestType.GET_SYNC_COUNT && held === null && reply !== null) {
+        held = { reply, at: h.now };
+        return null;
+      }
+      if (held !== null && h.now - held.at > 50 && h.now - held.at < 100 && !dropped) {
+        dropped = true;
+        h.model.onReply(held.reply, h.now); // answered late, but before the timeout
+      }
+      if (call.type === RequestType.GET_RESYNC_WORK && !dropped) return null; // times out
+      return reply;
+    },
+  });
+  const outcomes = h.model.slow.map((s) => `${requestTypeName(s.type)} ${s.outcome}`);
+  assert.ok(outcomes.includes("GET_RESYNC_WORK timeout"), outcomes.join(", "));
+  for (const s of h.model.slow) {
+    assert.ok(s.doneAt - s.sentAt >= 40, `${s.doneAt - s.sentAt} ms is not slow`);
+  }
+  const quick = harness({ kernel: { slowRequestMs: 40 }, workload: { ios: 0 } });
+  pump(quick);
+  assert.deepEqual(quick.model.slow, [], "replies at once are not slow");
+  assert.equal(quick.model.oldestWaiting(), null);
+});
+
+Deno.test("Workload.finishNow() ends a timed run early with the removal, without waiting for the resync", () => {
+  const h = harness({
+    kernel: { ioLatencyMs: 5 },
+    mirrors: [{}, {}],
+    workload: { durationMs: 3_600_000, iodepth: 4, ioAfterSync: false, waitSync: true },
+  });
+  pump(h, { until: () => h.model.stats.writesDone > 20 });
+  const mid = h.workload!.summary();
+  assert.deepEqual(mid.map((r) => r.phase), ["io", "io"]);
+  h.workload!.finishNow(h.now);
+  pump(h, { maxMs: h.now + 60_000 });
+  assert.equal(h.workload!.finished, true);
+  assert.deepEqual(h.workload!.summary().map((r) => r.phase), ["done", "done"]);
+  assert.equal(h.model.state(0), "removed");
+  const after = h.workload!.summary();
+  for (const [i, r] of after.entries()) assert.equal(r.completed, r.submitted, `log ${i}`);
+  assert.ok(h.now < 60_000, "did not run for the hour it was given");
+  assertClean(h.model);
+});

@@ -143,6 +143,12 @@ export interface CheckerConfig {
   afterRestart: "fresh" | "unknown";
   /** Also accept this device in a disk log's STATUS_INFO (e.g. its major:minor). */
   statusDevice?: string;
+  /**
+   * Keep {@link LogChecker.holds} and {@link LogChecker.syncedAt}, for a test that compares this
+   * kernel's marks with a disk log (a map update per mark, clear, FLUSH and SET_REGION_SYNC).
+   * Default false.
+   */
+  trackHolds?: boolean;
 }
 
 /** Reply fields the checker looks at beyond the call's outcome. */
@@ -171,6 +177,25 @@ export class LogChecker {
   readonly mark: Uint8Array;
   /** Regions handed out by GET_RESYNC_WORK and not yet set in sync by this kernel. */
   readonly handedOut = new Set<number>();
+  /**
+   * With {@link CheckerConfig.trackHolds}: every region whose mark is durable, and the model time
+   * (ms) it became so: marked (acknowledged), then covered by a FLUSH that was sent after that
+   * acknowledgement and answered with success (invariant 7: a disk log then holds the region
+   * dirty), and not cleared since. The kernel writes to the region only from then on, so a disk
+   * log showing it clean while it is here is a broken invariant 1. A region leaves the map when
+   * this kernel sends its CLEAR (the daemon may apply it any time after) or the daemon loses the
+   * log (-ESRCH).
+   */
+  readonly holds = new Map<number, number>();
+  /**
+   * With {@link CheckerConfig.trackHolds}: per region, the model time (ms) this kernel last sent
+   * SET_REGION_SYNC with in_sync 1 (from then on the region may be clean on disk legitimately).
+   */
+  readonly syncedAt = new Map<number, number>();
+  /** With trackHolds: regions marked (acknowledged) but not yet covered by a FLUSH, by generation. */
+  readonly #unflushed = new Map<number, number>();
+  /** With trackHolds: counts mark acknowledgements; a FLUSH covers those counted before it. */
+  #markGeneration = 0;
   #violations: ViolationLog;
   #knownIn = 0;
   #knownOut = 0;
@@ -263,6 +288,8 @@ export class LogChecker {
         if (call.regions !== null) {
           for (const region of call.regions) this.#setMark(region, Mark.PENDING);
         }
+        // The marks acknowledged so far are the ones this FLUSH makes durable.
+        if (call.type === RequestType.FLUSH) call.snap0 = this.#markGeneration;
         break;
       case RequestType.CLEAR_REGION:
         if (call.regions !== null) {
@@ -274,6 +301,7 @@ export class LogChecker {
         if (this.#inRange(r)) {
           this.#setSync(r, Sync.CHANGING);
           this.handedOut.delete(r);
+          if (this.config.trackHolds && call.v0 !== 0) this.syncedAt.set(r, call.sentAt);
         }
         if (call.v0 === 0) this.#resetSyncCountFloor(); // our own change: the count may drop
         break;
@@ -352,6 +380,7 @@ export class LogChecker {
             }
           }
         }
+        if (call.type === RequestType.FLUSH && this.config.trackHolds) this.#flushed(call, atMs);
         return;
       case RequestType.SET_REGION_SYNC: {
         const r = call.region;
@@ -397,6 +426,8 @@ export class LogChecker {
     this.#epoch++;
     this.mark.fill(Mark.NONE);
     this.#marked = 0;
+    this.holds.clear();
+    this.#unflushed.clear();
     this.#resetSyncCountFloor();
     this.sync.fill(Sync.UNKNOWN);
     this.#knownIn = 0;
@@ -450,6 +481,30 @@ export class LogChecker {
     if (old === Mark.MARKED) this.#marked--;
     if (value === Mark.MARKED) this.#marked++;
     this.mark[r] = value;
+    if (!this.config.trackHolds) return;
+    if (value !== Mark.MARKED) {
+      this.#unflushed.delete(r);
+      this.holds.delete(r);
+    } else if (old !== Mark.MARKED) {
+      this.#unflushed.set(r, ++this.#markGeneration);
+    }
+  }
+
+  /**
+   * A FLUSH was answered with success: the marks acknowledged before it was sent are durable,
+   * and so are the marks it carried itself (integrated flush).
+   */
+  #flushed(call: Call, atMs: number): void {
+    for (const [r, generation] of this.#unflushed) {
+      if (generation <= call.snap0) {
+        this.#unflushed.delete(r);
+        this.holds.set(r, atMs);
+      }
+    }
+    if (call.regions === null) return;
+    for (const r of call.regions) {
+      if (this.#unflushed.delete(r)) this.holds.set(r, atMs);
+    }
   }
 
   #checkHeader(call: Call, facts: ReplyFacts, atMs: number): void {

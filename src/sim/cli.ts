@@ -11,7 +11,7 @@ import { type HeaderLayout, requestTypeName } from "../kernel/protocol.ts";
 import type { LogKind, SyncMode } from "../log/types.ts";
 import type { Violation } from "./checker.ts";
 import { type DriverResult, runDriver } from "./driver.ts";
-import { KERNEL_DEFAULTS, KernelModel, type MirrorSpec } from "./model.ts";
+import { KERNEL_DEFAULTS, KernelModel, type MirrorSpec, type SlowRequest } from "./model.ts";
 import { Prng } from "./prng.ts";
 import { Workload, WORKLOAD_DEFAULTS } from "./workload.ts";
 
@@ -81,11 +81,76 @@ Run:
   --listener-poll-ms MS    how often to check that a daemon listens (default 50; 0: never)
   --spin-us US             busy-read replies this long after sending (default 0)
   --json                   print the report as JSON
+
+Signals:
+  SIGINT, SIGTERM          stop at once and report (logs left as they are)
+  SIGHUP                   finish: no new bios; once those in flight are done, the final
+                           status and the removal (suspend, DTR), without waiting for the
+                           resync; then report
+
+Snapshots (for cluster tests that check the simulator while it runs):
+  --snapshot PATH          at the start (from then on SIGUSR2 is handled), on every SIGUSR2
+                           and at the end, write a JSON snapshot to PATH (atomically):
+                           counters, violations, slow requests, and per log the regions whose
+                           marks are durable (acknowledged, then flushed, not cleared) and the
+                           regions this kernel set in sync, with wall-clock times in ms
+  --slow-ms MS             list kernel requests answered after at least MS, and timeouts, in
+                           the snapshot (default 100)
   -h, --help               show this text
 
 Exit status: 0 when the run finished without violations, 1 otherwise, 2 on a usage error,
 3 when the netlink socket could not be opened.
 `;
+
+/** A request in a {@link KernelSimSnapshot} that took long or timed out (times: wall-clock ms). */
+export interface SnapshotSlowRequest {
+  seq: number;
+  type: string;
+  /** Log uuid. */
+  uuid: string;
+  sentMs: number;
+  doneMs: number;
+  waitMs: number;
+  outcome: SlowRequest["outcome"];
+  errno: number;
+}
+
+/** One log in a {@link KernelSimSnapshot}. */
+export interface SnapshotLog {
+  uuid: string;
+  kind: LogKind;
+  state: string;
+  phase: string;
+  /** [region, wall-clock ms its mark became durable] (see LogChecker.holds). */
+  holds: [number, number][];
+  /** [region, wall-clock ms of this kernel's latest SET_REGION_SYNC 1]. */
+  synced: [number, number][];
+}
+
+/**
+ * What `kernel-sim --snapshot PATH` writes on SIGUSR2 and at the end. Times are wall-clock ms
+ * (`Date.now()`), comparable across the processes of one machine.
+ */
+export interface KernelSimSnapshot {
+  /** Snapshots written before this one (0 for the first). */
+  index: number;
+  /** Written at the end of the run (no more follow). */
+  final: boolean;
+  /** Wall clock when written. */
+  wallMs: number;
+  requests: KernelSimReport["requests"];
+  /** When the oldest kernel request still waiting was sent, or null. */
+  oldestWaitingMs: number | null;
+  violations: { total: number; byKind: Record<string, number>; first: Violation[] };
+  slow: { thresholdMs: number; dropped: number; list: SnapshotSlowRequest[] };
+  logs: SnapshotLog[];
+}
+
+/** Violations listed one by one in a snapshot (all are counted). */
+export const MAX_SNAPSHOT_VIOLATIONS = 50;
+
+/** Default of `--slow-ms`. */
+export const DEFAULT_SLOW_MS = 100;
 
 /** Everything `kernel-sim` reports (the `--json` output). */
 export interface KernelSimReport {
@@ -146,11 +211,36 @@ export async function runKernelSim(args: string[]): Promise<number> {
     console.log(HELP);
     return 0;
   }
-  const { model, workload, driver, json, config } = parsed;
+  const { model, workload, driver, json, config, snapshotPath } = parsed;
+  // Wall clock of model time 0, set when the driver starts the model.
+  let wallZero = Date.now();
+  let snapshots = 0;
+  const snapshot = (final: boolean) => {
+    if (snapshotPath === undefined) return;
+    const text = JSON.stringify(
+      buildSnapshot(model, workload, { index: snapshots++, final, wallZero }),
+    );
+    // Written aside and renamed: a reader never sees half a snapshot.
+    const tmp = `${snapshotPath}.tmp`;
+    Deno.writeTextFileSync(tmp, text + "\n");
+    Deno.renameSync(tmp, snapshotPath);
+  };
+  const onSnapshotSignal = () => snapshot(false);
+  if (snapshotPath !== undefined) {
+    Deno.addSignalListener("SIGUSR2", onSnapshotSignal);
+    // SIGUSR2, as SIGUSR1 starts Deno's inspector. A first snapshot tells the reader that the
+    // signal is handled now (its default action kills).
+    snapshot(false);
+  }
+  const onFinishSignal = () => workload.finishNow(model.now);
+  Deno.addSignalListener("SIGHUP", onFinishSignal);
   let result: DriverResult;
   try {
     result = await runDriver(model, {
-      start: (now) => workload.start(model, now),
+      start: (now) => {
+        wallZero = Date.now() - now;
+        workload.start(model, now);
+      },
       finished: () => workload.finished,
     }, driver);
   } catch (err) {
@@ -160,7 +250,11 @@ export async function runKernelSim(args: string[]): Promise<number> {
       return 3;
     }
     throw err;
+  } finally {
+    Deno.removeSignalListener("SIGHUP", onFinishSignal);
+    if (snapshotPath !== undefined) Deno.removeSignalListener("SIGUSR2", onSnapshotSignal);
   }
+  snapshot(true);
   model.finish(result.elapsedMs, workload.options.remove);
   const report = buildReport(model, workload, result, config);
   if (json) console.log(JSON.stringify(report, null, 2));
@@ -174,6 +268,7 @@ interface Parsed {
   driver: Parameters<typeof runDriver>[2];
   json: boolean;
   config: Record<string, unknown>;
+  snapshotPath: string | undefined;
 }
 
 function parse(args: string[]): Parsed | "help" {
@@ -226,6 +321,8 @@ function parse(args: string[]): Parsed | "help" {
       "listener-poll-ms": { type: "string", default: "50" },
       "spin-us": { type: "string", default: "0" },
       json: { type: "boolean", default: false },
+      snapshot: { type: "string" },
+      "slow-ms": { type: "string", default: String(DEFAULT_SLOW_MS) },
       help: { type: "boolean", short: "h", default: false },
     },
   });
@@ -283,6 +380,9 @@ function parse(args: string[]): Parsed | "help" {
     ioLatencyMs: num(values["io-latency-us"], "--io-latency-us", 0.001, 1e9) / 1000,
     recoveryLatencyMs: num(values["recovery-latency-us"], "--recovery-latency-us", 0, 1e9) / 1000,
     firstSeq: int(values["first-seq"], "--first-seq", 0, 2 ** 32 - 1),
+    slowRequestMs: values.snapshot === undefined
+      ? Infinity
+      : num(values["slow-ms"], "--slow-ms", 0, 1e9),
   };
   const workload = new Workload({
     ios,
@@ -335,6 +435,7 @@ function parse(args: string[]): Parsed | "help" {
       exclusive: !values.shared,
       afterRestart,
       statusDevice: values["status-device"],
+      trackHolds: values.snapshot !== undefined,
     });
   }
   const config = {
@@ -357,6 +458,7 @@ function parse(args: string[]): Parsed | "help" {
     workload,
     json: values.json,
     config,
+    snapshotPath: values.snapshot,
     driver: {
       waitDaemonMs: num(values["wait-daemon-ms"], "--wait-daemon-ms", 0, 1e9),
       maxRunMs: num(values["max-run-ms"], "--max-run-ms", 1, 1e10),
@@ -412,6 +514,77 @@ function buildReport(
     violations: { total: v.total, byKind: { ...v.byKind }, first: v.kept.slice(0, 100) },
     logs: model.mirrors().map((m, i) => ({ ...m, ...runs[i] })),
     driver,
+  };
+}
+
+function buildSnapshot(
+  model: KernelModel,
+  workload: Workload,
+  at: { index: number; final: boolean; wallZero: number },
+): KernelSimSnapshot {
+  const wall = (ms: number) => Math.round((at.wallZero + ms) * 1000) / 1000;
+  const s = model.stats;
+  let sent = 0;
+  let replied = 0;
+  const byType: Record<string, number> = {};
+  for (let t = 0; t < s.sent.length; t++) {
+    if (s.sent[t] > 0) byType[requestTypeName(t)] = s.sent[t];
+    sent += s.sent[t];
+    replied += s.replied[t];
+  }
+  const runs = workload.summary();
+  const mirrors = model.mirrors();
+  const oldest = model.oldestWaiting();
+  const v = model.violations;
+  return {
+    index: at.index,
+    final: at.final,
+    wallMs: Date.now(),
+    requests: {
+      sent,
+      byType,
+      replied,
+      errorReplies: s.errorReplies,
+      resends: s.resends,
+      timeouts: s.timeouts,
+      eagain: s.eagain,
+      esrch: s.esrch,
+      reCtr: s.reCtr,
+      sendFailures: s.sendFailures,
+      lateReplies: s.lateReplies,
+      outstanding: model.outstanding,
+    },
+    oldestWaitingMs: oldest === null ? null : wall(oldest),
+    violations: {
+      total: v.total,
+      byKind: { ...v.byKind },
+      first: v.kept.slice(0, MAX_SNAPSHOT_VIOLATIONS),
+    },
+    slow: {
+      thresholdMs: model.options.slowRequestMs,
+      dropped: model.slowDropped,
+      list: model.slow.map((r) => ({
+        seq: r.seq,
+        type: requestTypeName(r.type),
+        uuid: mirrors[r.log]?.uuid ?? "",
+        sentMs: wall(r.sentAt),
+        doneMs: wall(r.doneAt),
+        waitMs: Math.round((r.doneAt - r.sentAt) * 1000) / 1000,
+        outcome: r.outcome,
+        errno: r.errno,
+      })),
+    },
+    logs: mirrors.map((m, i) => {
+      const checker = model.checker(i);
+      return {
+        uuid: m.uuid,
+        kind: m.kind,
+        state: m.state,
+        phase: runs[i]?.phase ?? "new",
+        holds: [...checker.holds].map(([r, ms]): [number, number] => [r, wall(ms)]),
+        synced: [...checker.syncedAt].map(([r, ms]): [number, number] => [r, wall(ms)]),
+      };
+    }),
   };
 }
 

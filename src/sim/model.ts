@@ -61,6 +61,11 @@ export interface KernelOptions {
   recoveryLatencyMs: number;
   /** MAX_RECOVERY in dm-raid1.c: regions one mirror recovers at a time. */
   maxRecovery: number;
+  /**
+   * Not the kernel's: kernel tries answered after at least this long, or timed out, are listed
+   * in {@link KernelModel.slow} (Infinity: none are).
+   */
+  slowRequestMs: number;
 }
 
 /** The kernel's values. */
@@ -77,6 +82,7 @@ export const KERNEL_DEFAULTS: KernelOptions = {
   ioLatencyMs: 0.001,
   recoveryLatencyMs: 0,
   maxRecovery: 1,
+  slowRequestMs: Infinity,
 };
 
 /** One simulated mirror with a userspace log, as a table would create it. */
@@ -102,6 +108,8 @@ export interface MirrorSpec {
   afterRestart: CheckerConfig["afterRestart"];
   /** Checker: see {@link CheckerConfig.statusDevice}. */
   statusDevice?: string;
+  /** Checker: see {@link CheckerConfig.trackHolds}. */
+  trackHolds?: boolean;
 }
 
 /** dmsetup-level operations on one mirror. */
@@ -166,6 +174,28 @@ export interface MirrorSummary {
   writes: number;
   lastStatus: string;
 }
+
+/** A kernel try that took at least {@link KernelOptions.slowRequestMs}, or timed out. */
+export interface SlowRequest {
+  seq: number;
+  /** Request type number. */
+  type: number;
+  /** Mirror index. */
+  log: number;
+  /** Model time it was sent, ms. */
+  sentAt: number;
+  /** Model time it was answered or timed out, ms. */
+  doneAt: number;
+  outcome: "reply" | "timeout";
+  /** The reply's errno (0 for success and for a timeout). */
+  errno: number;
+}
+
+/**
+ * Most {@link SlowRequest}s kept; when full, the older half is dropped (and counted in
+ * {@link KernelModel.slowDropped}), so a long run with a slow daemon keeps the latest ones.
+ */
+export const MAX_SLOW_REQUESTS = 8192;
 
 /** Counters of one model. */
 export interface KernelStats {
@@ -383,6 +413,10 @@ export class KernelModel {
   };
   /** Reply latency per request type (index = type number), microseconds. */
   readonly latency: Histogram[] = Array.from({ length: 18 }, () => new Histogram());
+  /** Slow or timed-out kernel tries (see {@link KernelOptions.slowRequestMs}), oldest first. */
+  readonly slow: SlowRequest[] = [];
+  /** {@link SlowRequest}s dropped to stay within {@link MAX_SLOW_REQUESTS}. */
+  slowDropped = 0;
   #hooks: KernelHooks;
   #legacy: boolean;
   #now = 0;
@@ -443,6 +477,15 @@ export class KernelModel {
     return this.#calls.size;
   }
 
+  /** Model time (ms) the oldest kernel try still waiting for its reply was sent, or null. */
+  oldestWaiting(): number | null {
+    let oldest: number | null = null;
+    for (const c of this.#calls.values()) {
+      if (c.kind === CallKind.KERNEL && (oldest === null || c.sentAt < oldest)) oldest = c.sentAt;
+    }
+    return oldest;
+  }
+
   /** Kernel threads still alive (workers, lifecycles, status, flush work). */
   get threads(): number {
     return this.#threads;
@@ -478,6 +521,7 @@ export class KernelModel {
       exclusive: spec.exclusive,
       afterRestart: spec.afterRestart,
       statusDevice: spec.statusDevice,
+      trackHolds: spec.trackHolds,
     }, this.violations);
     const m = new Mirror(this.#mirrors.length, spec, this.#legacy, checker);
     this.#mirrors.push(m);
@@ -610,6 +654,9 @@ export class KernelModel {
     this.#seqState[seq & (SEQ_MEMORY - 1)] = SEQ_REPLIED;
     this.stats.replied[typeIndex(call.type)]++;
     this.latency[typeIndex(call.type)].record((this.#now - call.sentAt) * 1000);
+    if (call.kind === CallKind.KERNEL && this.#now - call.sentAt >= this.options.slowRequestMs) {
+      this.#slow(call, "reply", reply.errno);
+    }
     // The kernel's reading: an ACK carries only an errno; a full reply with more data than the
     // buffer fails with -ENOSPC.
     let facts: ReplyFacts = reply;
@@ -913,6 +960,7 @@ export class KernelModel {
         c.state = CallState.TIMED_OUT;
         this.#mirrors[c.logIndex].checker.onTimeout(c, this.#now);
         if (!kernel) this.stats.timeouts++;
+        if (kernel && this.options.slowRequestMs < Infinity) this.#slow(c, "timeout", 0);
         this.#complete(c);
       }
       head++;
@@ -924,6 +972,23 @@ export class KernelModel {
     }
     if (kernel) this.#kernelTriesHead = head;
     else this.#probeTriesHead = head;
+  }
+
+  #slow(c: Call, outcome: SlowRequest["outcome"], errno: number): void {
+    if (this.slow.length >= MAX_SLOW_REQUESTS) {
+      const drop = MAX_SLOW_REQUESTS / 2;
+      this.slow.splice(0, drop);
+      this.slowDropped += drop;
+    }
+    this.slow.push({
+      seq: c.seq,
+      type: c.type,
+      log: c.logIndex,
+      sentAt: c.sentAt,
+      doneAt: this.#now,
+      outcome,
+      errno,
+    });
   }
 
   #strayReply(reply: ModelReply, seq: number): void {

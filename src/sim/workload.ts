@@ -140,6 +140,8 @@ export class Workload implements KernelHooks {
   #steadyStart = -1;
   #steadySent = 0;
   #steady: SteadyWindow | null = null;
+  /** Set by {@link finishNow}: no more bios, no waiting for the resync. */
+  #finishing = false;
 
   /** A workload; `options` override {@link WORKLOAD_DEFAULTS}. */
   constructor(options: Partial<WorkloadOptions> = {}) {
@@ -196,6 +198,20 @@ export class Workload implements KernelHooks {
     void now;
   }
 
+  /**
+   * Ends the run early the way an administrator deactivates a mirror: no new bios, and once
+   * those in flight completed, the final status and the removal (suspend, DTR) as at the end of
+   * a run, without waiting for the resync. Mirrors still being created or suspended follow the
+   * same path when they get there.
+   */
+  finishNow(now: number): void {
+    this.#finishing = true;
+    for (const run of this.#runs) {
+      if (run.phase === "io" && run.inflight === 0) this.#ioFinished(run, now);
+      else if (run.phase === "waiting-sync" || run.phase === "syncing") this.#afterSync(run);
+    }
+  }
+
   // KernelHooks
 
   ioDone(log: number, _write: boolean, _region: number, now: number): void {
@@ -228,7 +244,9 @@ export class Workload implements KernelHooks {
         if (this.options.probeCleanEveryMs > 0) {
           model.schedule(now + this.options.probeCleanEveryMs, log, TAG_PROBE);
         }
-        if (this.options.ioAfterSync && !run.synced) {
+        if (this.#finishing) {
+          this.#afterSync(run);
+        } else if (this.options.ioAfterSync && !run.synced) {
           run.phase = "waiting-sync";
           this.#pollSync(run, now);
         } else {
@@ -329,6 +347,7 @@ export class Workload implements KernelHooks {
   }
 
   #more(run: Run, now: number): boolean {
+    if (this.#finishing) return false;
     const o = this.options;
     if (o.ios > 0) return run.submitted < o.ios;
     if (o.durationMs > 0) return now < run.ioStart + o.durationMs;
@@ -371,7 +390,7 @@ export class Workload implements KernelHooks {
         requests: this.#sentSoFar() - this.#steadySent,
       };
     }
-    if (this.options.waitSync && !run.synced) {
+    if (this.options.waitSync && !run.synced && !this.#finishing) {
       run.phase = "syncing";
       this.#pollSync(run, now);
       return;
