@@ -123,6 +123,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
     uptimeSeconds: (Date.now() - started) / 1000,
     logs: node.status(),
     kernelLink: { ...link.stats, ...sock.stats },
+    loop: { ...loop.stats },
     node: { ...node.stats, pending: node.pendingCount },
     cluster: { ...node.clusterStats },
     transport: transport.stats(),

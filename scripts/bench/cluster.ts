@@ -136,6 +136,8 @@ const { values } = parseArgs({
     keep: { type: "boolean", default: false },
     token: { type: "string", default: String(BENCH_TOKEN_MS) },
     "corosync-sched": { type: "string", default: "other" },
+    /** Extra `clogd serve` arguments, space-separated (e.g. "--spin-us 0" for an A/B run). */
+    "clogd-args": { type: "string", default: "" },
   },
 });
 const seconds = Number(values.seconds);
@@ -1279,7 +1281,11 @@ Deno.addSignalListener("SIGTERM", onSignal);
 
 const began = performance.now();
 // With --keep the logs are for reading afterwards: membership changes are logged at info.
-const clogdArgs = ["--log-level", values.keep ? "info" : "warn"];
+const clogdArgs = [
+  "--log-level",
+  values.keep ? "info" : "warn",
+  ...values["clogd-args"].split(" ").filter((a) => a !== ""),
+];
 try {
   if (!skip.has("write") && !skip.has("standalone")) await standaloneReference();
   if (!skip.has("one")) {

@@ -32,6 +32,7 @@ export interface DaemonStatus {
   uptimeSeconds: number;
   logs: LogStatus[];
   kernelLink: Record<string, number>;
+  loop: Record<string, number | boolean>;
   node: Record<string, number>;
   cluster: Record<string, number>;
   transport: Record<string, number>;
