@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Builds (once, cached) the guest used by the real-kernel tests: Debian bookworm's own kernel,
 # an initrd that can mount a virtio-blk ext4 root, and a read-only ext4 root image holding
-# dmsetup, kmod, util-linux, procps, iproute2 and corosync/libcpg4 (for the cluster tests).
+# dmsetup, kmod, util-linux, procps, iproute2 and corosync with libcpg4, libquorum5 and
+# libvotequorum8 (for the cluster tests).
 #
 # Usage: scripts/vm/build_image.sh [--force]
 # Prints the image directory on stdout (everything else goes to stderr). The directory holds:
@@ -21,9 +22,11 @@ export LC_ALL=C
 
 # Debian's suite the guest runs; its 6.1 kernel is the one the fixtures were recorded with.
 readonly SUITE=bookworm
-# Packages on top of minbase. linux-image-amd64 pulls initramfs-tools; corosync/libcpg4 and
-# iproute2 are here so the cluster tests can reuse this image.
-readonly PACKAGES="linux-image-amd64,dmsetup,kmod,util-linux,procps,iproute2,corosync,libcpg4"
+# Packages on top of minbase. linux-image-amd64 pulls initramfs-tools; corosync and the
+# libraries clogd opens in cluster mode (libcpg4 for CPG, libquorum5 and libvotequorum8 for
+# quorum; corosync depends on them, named here so that a change there cannot drop them) and
+# iproute2 are here so the cluster test (tests/kernel/cluster_test.sh) can reuse this image.
+readonly PACKAGES="linux-image-amd64,dmsetup,kmod,util-linux,procps,iproute2,corosync,libcpg4,libquorum5,libvotequorum8"
 # Modules the initrd must load by itself to reach the root (virtio_pci is built in on Debian).
 readonly INITRD_MODULES="virtio_pci virtio_blk ext4"
 # Free room left in the root image beyond what its files take (it is mounted read-only; the
@@ -162,7 +165,7 @@ for mod in $INITRD_MODULES; do
   grep -q "/${mod}\.ko" "${root}/lib/modules/${kver}/modules.builtin" "${work}/initrd.list" ||
     die "Neither the kernel nor the initrd has module ${mod}"
 done
-for mod in 9pnet_virtio 9p dm-mod dm-mirror dm-log-userspace loop; do
+for mod in 9pnet_virtio 9p dm-mod dm-mirror dm-log-userspace loop virtio_net; do
   chroot "$root" modinfo -k "$kver" "$mod" >/dev/null 2>&1 ||
     die "The guest kernel lacks module ${mod}"
 done
