@@ -642,3 +642,125 @@ Deno.test("deliver() applies nothing from a node that is not a member of the log
   assert.deepEqual(h.node(1).core!.replica("L")!.marksOf(2), []);
   assert.equal(h.node(1).core!.stats.malformed, 0);
 });
+
+/** Several cores in one simulated CPG group that can be split into parts and merged. */
+class Group {
+  readonly cores = new Map<number, ClusterCore>();
+  readonly answers = new Map<number, Map<number, OpResult>>();
+  readonly logs: string[] = [];
+  #parts: number[][];
+  #bus: { from: number; bytes: Uint8Array; to: number[] }[] = [];
+  #nextTag = 1;
+
+  constructor(nodes: number[]) {
+    this.#parts = [nodes];
+    for (const n of nodes) {
+      this.cores.set(n, new ClusterCore(n));
+      this.answers.set(n, new Map());
+    }
+    for (const n of nodes) {
+      this.#take(n, this.core(n).confchg({ members: nodes, left: [], joined: nodes }));
+    }
+  }
+
+  core(n: number): ClusterCore {
+    return this.cores.get(n)!;
+  }
+
+  #part(n: number): number[] {
+    return this.#parts.find((p) => p.includes(n))!;
+  }
+
+  #take(n: number, effects: Effect[]): void {
+    for (const e of effects) {
+      if (e.kind === "reply") {
+        assert.ok(!this.answers.get(n)!.has(e.tag), `node ${n}: a second reply to ${e.tag}`);
+        this.answers.get(n)!.set(e.tag, e.result);
+      } else if (e.kind === "mcast") this.#bus.push({ from: n, bytes: e.bytes, to: this.#part(n) });
+      else if (e.kind === "diskWrite") this.#take(n, this.core(n).diskDurable(e.key, e.token));
+      else this.logs.push(`${n} ${e.level}: ${e.msg}`);
+    }
+  }
+
+  request(n: number, cfg: LogConfig, op: ClusterRequest["op"]): number {
+    const tag = this.#nextTag++;
+    this.#take(n, this.core(n).request({ key: cfg.uuid, tag, op, config: cfg }));
+    return tag;
+  }
+
+  /** Flush every core and deliver until quiet (each message to the part it was sent in). */
+  run(): void {
+    for (let round = 0; round < 1000; round++) {
+      for (const n of this.cores.keys()) this.#take(n, this.core(n).flush());
+      const m = this.#bus.shift();
+      if (m === undefined) return;
+      for (const to of m.to) this.#take(to, this.core(to).deliver(m.from, m.bytes));
+    }
+    throw new Error("The group did not quiesce");
+  }
+
+  /** Cuts the group into `parts`: each part sees the others crash. */
+  split(parts: number[][]): void {
+    this.run();
+    this.#parts = parts;
+    for (const part of parts) {
+      const left = [...this.cores.keys()].filter((n) => !part.includes(n))
+        .map((node) => ({ node, reason: "crash" as const }));
+      for (const n of part) {
+        this.#take(n, this.core(n).confchg({ members: part, left, joined: [] }));
+      }
+    }
+  }
+
+  /** Heals every split: each part sees the others join. */
+  merge(): void {
+    this.run();
+    const all = [...this.cores.keys()].sort((a, b) => a - b);
+    const parts = this.#parts;
+    this.#parts = [all];
+    for (const part of parts) {
+      const joined = all.filter((n) => !part.includes(n));
+      for (const n of part) this.#take(n, this.core(n).confchg({ members: all, left: [], joined }));
+    }
+  }
+}
+
+Deno.test("a split brain healed: the side with the lowest node id keeps the log, resyncs it all", () => {
+  const g = new Group([1, 2]);
+  const cfg = config(64, "disk");
+  g.request(1, cfg, { op: "resume" });
+  g.run();
+  g.request(2, cfg, { op: "resume" });
+  g.run();
+  assert.deepEqual(g.core(2).clusterState("L")?.members, [1, 2]);
+  // Both sides keep quorum (two_node): each serves the log alone.
+  g.split([[1], [2]]);
+  const m1 = g.request(1, cfg, { op: "flush", marks: [3] });
+  const m2 = g.request(2, cfg, { op: "flush", marks: [9] });
+  g.run();
+  assert.equal(g.answers.get(1)!.get(m1)?.errno, 0);
+  assert.equal(g.answers.get(2)!.get(m2)?.errno, 0);
+  assert.deepEqual(g.core(1).clusterState("L")?.members, [1]);
+  assert.deepEqual(g.core(2).clusterState("L")?.members, [2]);
+  // Healed: both announce what they hold; every node decides alike.
+  g.merge();
+  g.run();
+  assert.equal(
+    g.core(2).logStatus("L"),
+    "out",
+    `node 2 side drops its state: ${g.logs.join("\n")}`,
+  );
+  const r1 = g.core(1).replica("L")!;
+  assert.equal(r1.stats().syncCount, 0, "the kept state resyncs every region");
+  assert.ok(g.logs.some((l) => /^1 error: .*split brain.*this side keeps the log/.test(l)));
+  assert.ok(g.logs.some((l) => /^2 error: .*split brain.*the other side keeps the log/.test(l)));
+  // The kernel on node 2 gets -ESRCH from now on, re-sends CTR and RESUME, and joins afresh.
+  const again = g.request(2, cfg, { op: "in_sync", region: 1 });
+  g.run();
+  assert.equal(g.answers.get(2)!.get(again)?.errno, Errno.ESRCH);
+  const resume = g.request(2, cfg, { op: "resume" });
+  g.run();
+  assert.equal(g.answers.get(2)!.get(resume)?.errno, 0);
+  assert.deepEqual(g.core(1).clusterState("L")?.members, [1, 2]);
+  assert.equal(g.core(2).digest("L"), g.core(1).digest("L"));
+});

@@ -570,3 +570,67 @@ Deno.test("clogd on 3 nodes with majority quorum: a cut-off node stops serving, 
 function faultTimes(cluster: Cluster): string {
   return cluster.faults.map((f) => `${f.kind}(${f.node}) ${f.maxMs} ms`).join(", ");
 }
+
+Deno.test("clogd on 2 nodes with two_node quorum: a healed split brain converges on the lower side's state, fully resynced", async (t) => {
+  const begun = performance.now();
+  await using cluster = await Cluster.start({
+    nodes: 2,
+    clogd: true,
+    quorum: "two_node",
+    tokenMs: TOKEN_MS,
+    name: `${NAME}s`,
+  });
+  const loads = [1, 2].map((id) =>
+    cluster.startLoad(id, {
+      logs: 1,
+      durationS: 14,
+      iodepth: 4,
+      args: ["--no-remove", "--esrch-retry-ms", "500", "--max-run-ms", "150000"],
+    })
+  );
+  await cluster.waitFor(async () => {
+    const all = await statuses(cluster, [1, 2]);
+    return [...all.values()].every((s) =>
+      s.logs.length === 1 && sorted(s.logs[0].members).join() === "1,2"
+    );
+  }, { timeoutMs: TIMEOUT_MS, what: "both nodes in the log" });
+
+  await t.step("partition(2): both halves keep quorum and serve the log alone", async () => {
+    await cluster.partition(2);
+    await cluster.waitFor(async () => {
+      const all = await statuses(cluster, [1, 2]);
+      return [...all].every(([id, s]) =>
+        s.transport.quorate === 1 && s.logs[0].members.join() === String(id)
+      );
+    }, { timeoutMs: TIMEOUT_MS, what: "each node the only member of its log" });
+  });
+
+  await t.step("heal(2): the split is found, node 2 drops its state and rejoins", async () => {
+    await cluster.heal(2);
+    await cluster.waitFor(async () => {
+      const all = [...(await statuses(cluster, [1, 2])).values()];
+      return all.every((s) =>
+        sorted(s.logs[0]?.members ?? []).join() === "1,2" && s.logs[0].digest !== null &&
+        digests(s) === digests(all[0])
+      );
+    }, { timeoutMs: TIMEOUT_MS, what: "both nodes in the log again, equal digests" });
+    const log1 = await Deno.readTextFile(cluster.node(1).clogdLogPath);
+    const log2 = await Deno.readTextFile(cluster.node(2).clogdLogPath);
+    assert.match(log1, /split brain.*this side keeps the log, every region is resynced/);
+    assert.match(log2, /split brain.*the other side keeps the log, this node drops its state/);
+    for (const load of loads) {
+      const { report } = await load.report();
+      // A full resync after the split makes the sync count go down: expected here.
+      const wrong = report.violations.first.filter((v) =>
+        v.kind !== "sync-count-regressed" && v.kind !== "sync-regressed" &&
+        !(v.kind === "incomplete" && /Still waiting for a reply at the end/.test(v.detail))
+      );
+      assert.deepEqual(wrong, [], `node ${load.node}`);
+      console.log(
+        `  node ${load.node}: ${report.requests.sent} requests, ${report.requests.esrch} ESRCH, ` +
+          `${report.requests.reCtr} re-CTR, ${report.violations.total} sync-count reports`,
+      );
+    }
+  });
+  console.log(`  ${Math.round(performance.now() - begun)} ms; faults ${faultTimes(cluster)}`);
+});

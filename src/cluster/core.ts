@@ -86,6 +86,7 @@ import {
   type JoinRecord,
   MAX_BATCH_ITEMS,
   MAX_CHECKPOINT_CHUNKS,
+  MAX_HOLDS_MEMBERS,
   MAX_MESSAGE_BYTES,
   MAX_WIRE_REGION,
   type WireOp,
@@ -1017,6 +1018,7 @@ export class ClusterCore {
       return;
     }
     this.#group = members;
+    if (change.joined.some((n) => n !== this.nodeId)) this.#announceHolds();
     const left = [...new Set(change.left.map((l) => l.node))]
       .filter((n) => n !== this.nodeId)
       .sort(ascending);
@@ -1031,6 +1033,63 @@ export class ClusterCore {
       const log = this.#logs.get(key);
       if (log !== undefined) this.#route(log, { kind: "confchg", left });
     }
+  }
+
+  /**
+   * Others joined the group: a fresh daemon, or the other side of a healed partition. Say which
+   * logs this node holds, and with whom: a node that held one of them in a view disjoint from
+   * ours served it without us (a split brain), and the two states must not both go on.
+   */
+  #announceHolds(): void {
+    for (const key of [...this.#logs.keys()].sort()) {
+      const log = this.#logs.get(key)!;
+      if (log.status !== "member" || log.members.size === 0) continue;
+      const members = [...log.members].sort(ascending).slice(0, MAX_HOLDS_MEMBERS);
+      this.#control.push({ kind: "holds", key, members });
+    }
+  }
+
+  /**
+   * Node `from` holds the log with `members`. If neither view contains the other node, both
+   * sides served the log alone (a partition both of whose sides kept quorum: a two-node cluster
+   * without fencing). Every node decides alike at this point of the order: the side with the
+   * lowest node id keeps its state; the other side drops its replicas (its kernels get -ESRCH,
+   * re-CTR and RESUME, and join with a checkpoint). Both sides may have resynced regions the
+   * other was writing, so the kept state puts every region out of sync: the whole mirror is
+   * resynced from its default leg.
+   */
+  #applyHolds(log: LogState, from: NodeId, members: readonly NodeId[]): void {
+    if (from === this.nodeId || log.members.has(from) || members.includes(this.nodeId)) return;
+    if (log.members.size === 0 || members.length === 0) return;
+    const ours = [...log.members].sort(ascending);
+    const split = `Log ${log.key}: split brain: node ${from} held it with members ` +
+      `[${members.join(",")}] while this side held it with [${ours.join(",")}] (both sides of a ` +
+      `partition kept quorum: a two-node cluster needs fencing)`;
+    if (members[0] < ours[0]) {
+      this.#log("error", `${split}; the other side keeps the log, this node drops its state`);
+      return this.#dropLog(log);
+    }
+    const n = log.replica!.resyncAll();
+    this.#log(
+      "error",
+      `${split}; this side keeps the log, every region is resynced (${n} were in sync)`,
+    );
+    if (log.disk && log.writer === this.nodeId && log.handoffFrom === 0) {
+      log.needFull = true;
+      this.#maybeWrite(log);
+    }
+  }
+
+  /**
+   * Stops holding `log` at once (its state lost a split brain): what waits on it is answered
+   * -ESRCH, so the kernel re-sends CTR and RESUME and joins afresh.
+   */
+  #dropLog(log: LogState): void {
+    for (const w of log.flushWaits) {
+      if (this.#pending.has(w.tag)) this.#reply(w.tag, { errno: Errno.ESRCH });
+    }
+    const fresh = this.#newLog(log.key, log.config);
+    if (typeof fresh !== "string") fresh.everResumed = true;
   }
 
   #disconnect(why: string): void {
@@ -1070,6 +1129,8 @@ export class ClusterCore {
         return;
       case "durable":
         return this.#applyDurable(log, from, item);
+      case "holds":
+        return this.#applyHolds(log, from, item.members);
       case "entry":
         return this.#applyEntry(log, from, item);
     }

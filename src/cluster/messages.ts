@@ -6,8 +6,9 @@
  * coming back by it, to account for what it has in flight):
  * - a **batch**: a table of log keys, then up to {@link MAX_BATCH_ITEMS} items, each naming its
  *   log by index into that table. Items are kernel requests (entries, applied by every member in
- *   the order), "nack"s (this node does not hold the log a joiner asked for) and "durable"s (the
- *   disk writer made the log durable up to a FLUSH). One message carries requests for many logs:
+ *   the order), "nack"s (this node does not hold the log a joiner asked for), "durable"s (the
+ *   disk writer made the log durable up to a FLUSH) and "holds" (after others joined the group:
+ *   the sender holds the log with these members; see split brains in the core). One message carries requests for many logs:
  *   the daemon has one group and one total order for all of them.
  * - a **checkpoint chunk**: one piece of the state of one log, sent to one joiner.
  *
@@ -73,6 +74,10 @@ export const MessageKind = { BATCH: 1, CHECKPOINT: 2 } as const;
 const ITEM_ENTRY = 1;
 const ITEM_NACK = 2;
 const ITEM_DURABLE = 3;
+const ITEM_HOLDS = 4;
+
+/** Most members a "holds" item lists (CPG's own limit on a group's members). */
+export const MAX_HOLDS_MEMBERS = 128;
 
 const DURABLE_FAILED = 1;
 const DURABLE_FINAL = 2;
@@ -123,7 +128,12 @@ export type Item =
    * The sender (the log's disk writer) made every change up to FLUSH number `seq` durable, or
    * failed to (`failed`). `final`: it wrote its last and has stopped writing this log.
    */
-  | { kind: "durable"; key: string; seq: number; failed: boolean; final: boolean };
+  | { kind: "durable"; key: string; seq: number; failed: boolean; final: boolean }
+  /**
+   * After a membership change that brought other nodes in: the sender holds `key` with these
+   * `members` (ascending). Two disjoint views of one log mean a split brain (see the core).
+   */
+  | { kind: "holds"; key: string; members: NodeId[] };
 
 /** One piece of a checkpoint for one joiner. */
 export interface CheckpointChunk {
@@ -190,6 +200,22 @@ export function itemBytes(item: Item): number {
       return 3 + 8;
     case "durable":
       return 3 + 1 + 8;
+    case "holds":
+      return 3 + 2 + 4 * item.members.length;
+  }
+}
+
+function checkMembers(members: readonly NodeId[]): void {
+  if (members.length < 1 || members.length > MAX_HOLDS_MEMBERS) {
+    throw new RangeError(
+      `A holds item lists 1..${MAX_HOLDS_MEMBERS} members, not ${members.length}`,
+    );
+  }
+  for (let i = 0; i < members.length; i++) {
+    checkU32("Member", members[i]);
+    if (members[i] === 0 || (i > 0 && members[i] <= members[i - 1])) {
+      throw new RangeError("Members must be ascending node ids");
+    }
   }
 }
 
@@ -354,7 +380,9 @@ export class BatchBuilder {
         ? ITEM_ENTRY
         : item.kind === "nack"
         ? ITEM_NACK
-        : ITEM_DURABLE;
+        : item.kind === "durable"
+        ? ITEM_DURABLE
+        : ITEM_HOLDS;
       out.u8(kind);
       out.u16(this.#keys.get(item.key)!.index);
       switch (item.kind) {
@@ -375,6 +403,11 @@ export class BatchBuilder {
           }
           out.u8((item.failed ? DURABLE_FAILED : 0) | (item.final ? DURABLE_FINAL : 0));
           out.u64(item.seq);
+          break;
+        case "holds":
+          checkMembers(item.members);
+          out.u16(item.members.length);
+          for (const m of item.members) out.u32(m);
           break;
       }
     }
@@ -581,6 +614,20 @@ function readBatch(r: In, number: number): Message {
           failed: (flags & DURABLE_FAILED) !== 0,
           final: (flags & DURABLE_FINAL) !== 0,
         });
+        break;
+      }
+      case ITEM_HOLDS: {
+        const count = r.u16("member count");
+        if (count < 1 || count > MAX_HOLDS_MEMBERS) throw new Malformed(`${count} members`);
+        const members: NodeId[] = [];
+        for (let m = 0; m < count; m++) {
+          const node = r.u32("member");
+          if (node === 0 || (m > 0 && node <= members[m - 1])) {
+            throw new Malformed("members not ascending node ids");
+          }
+          members.push(node);
+        }
+        items.push({ kind: "holds", key, members });
         break;
       }
       default:

@@ -394,6 +394,28 @@ export class LogReplica implements LogReplicaLike {
   }
 
   /**
+   * Every region out of sync (the whole mirror is resynced), for a log whose legs may differ
+   * anywhere: after a split brain two sides recovered and wrote regions without knowing of each
+   * other. Marks, members and recovery assignments stay; the disk image is rewritten whole.
+   * Returns the number of regions that went out of sync.
+   */
+  resyncAll(): number {
+    if (!this.#initialized) return 0;
+    const was = this.#syncCount;
+    this.#sync.fill(false);
+    this.#syncCount = 0;
+    this.#latch = false;
+    this.#lowOutOfSync = 0;
+    this.#searchPos = 0;
+    if (this.#disk !== null) {
+      this.#disk.fill(false);
+      this.#allDirty = true;
+      this.#dirtied = true;
+    }
+    return was;
+  }
+
+  /**
    * `node` left cleanly. Its marks should already be cleared by its kernel; any left are treated
    * as after a crash (see the module comment). Returns the number of regions that went out of sync.
    */
