@@ -158,10 +158,15 @@ export class Workload implements KernelHooks {
     if (!Number.isInteger(o.ios) || o.ios < 0) throw new RangeError("ios must be >= 0");
   }
 
-  /** True when every mirror is done (removed, or left as asked) or failed. */
+  /**
+   * True when every mirror is done (removed, or left as asked) or failed, and, for mirrors left
+   * resumed, nothing the mirror sent in the background (a FLUSH, a CLEAR_REGION) still waits:
+   * ending then would report that request unanswered.
+   */
   get finished(): boolean {
     return this.#runs.length > 0 &&
-      this.#runs.every((r) => r.phase === "done" || r.phase === "failed");
+      this.#runs.every((r) => r.phase === "done" || r.phase === "failed") &&
+      (this.options.remove || this.#model === null || this.#model.outstanding === 0);
   }
 
   /** The window when every mirror did I/O, once it has closed (null before, or without I/O). */
