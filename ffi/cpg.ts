@@ -22,6 +22,8 @@
  * @module
  */
 
+import { cachedDlopen } from "./dlopen.ts";
+
 /** The libcpg symbols clogd uses. Each parameter is annotated with its C type. */
 export const symbols = {
   /**
@@ -170,20 +172,17 @@ const loaded = new Map<string, Libcpg>();
  * @throws Error naming the library path that failed to load, with the loader's error as cause
  */
 export function libcpg(path?: string): Libcpg {
-  const resolved = path || Deno.env.get(LIBCPG_PATH_ENV) || DEFAULT_LIBCPG_PATH;
-  let lib = loaded.get(resolved);
-  if (lib === undefined) {
-    try {
-      lib = Deno.dlopen(resolved, symbols).symbols;
-    } catch (cause) {
-      throw new Error(
-        `Failed to load corosync's CPG library from "${resolved}" (install libcpg4, or set ${LIBCPG_PATH_ENV} to override)`,
-        { cause },
-      );
-    }
-    loaded.set(resolved, lib);
-  }
-  return lib;
+  return cachedDlopen(
+    symbols,
+    {
+      env: LIBCPG_PATH_ENV,
+      soname: DEFAULT_LIBCPG_PATH,
+      what: "corosync's CPG library",
+      pkg: "libcpg4",
+    },
+    loaded,
+    path,
+  );
 }
 
 // ---- Constants (<corosync/corotypes.h>, <corosync/cpg.h>) ----

@@ -24,6 +24,7 @@
  * @module
  */
 
+import { cachedDlopen } from "./dlopen.ts";
 import { CS_DISPATCH_ALL, CS_ERR_LIBRARY, CS_OK, csErrorName } from "./cpg.ts";
 
 /** The libquorum symbols clogd uses. Each parameter is annotated with its C type. */
@@ -122,20 +123,17 @@ const loaded = new Map<string, Libquorum>();
  * @throws Error naming the library path that failed to load, with the loader's error as cause
  */
 export function libquorum(path?: string): Libquorum {
-  const resolved = path || Deno.env.get(LIBQUORUM_PATH_ENV) || DEFAULT_LIBQUORUM_PATH;
-  let lib = loaded.get(resolved);
-  if (lib === undefined) {
-    try {
-      lib = Deno.dlopen(resolved, symbols).symbols;
-    } catch (cause) {
-      throw new Error(
-        `Failed to load corosync's quorum library from "${resolved}" (install libquorum5, or set ${LIBQUORUM_PATH_ENV} to override)`,
-        { cause },
-      );
-    }
-    loaded.set(resolved, lib);
-  }
-  return lib;
+  return cachedDlopen(
+    symbols,
+    {
+      env: LIBQUORUM_PATH_ENV,
+      soname: DEFAULT_LIBQUORUM_PATH,
+      what: "corosync's quorum library",
+      pkg: "libquorum5",
+    },
+    loaded,
+    path,
+  );
 }
 
 // ---- Constants (<corosync/quorum.h>, <corosync/corotypes.h>) ----
