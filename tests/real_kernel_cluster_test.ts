@@ -10,8 +10,7 @@
  * it.
  */
 import assert from "node:assert/strict";
-
-const REPO = new URL("../", import.meta.url).pathname;
+import { missingTools, readText, run, tail } from "./support/vm.ts";
 
 /** Steps both guests run before the kill, each printing a PASS line, in order. */
 const SHARED_STEPS = [
@@ -52,67 +51,6 @@ const REQUIRED_TOOLS = ["qemu-system-x86_64", "debootstrap", "ss"] as const;
 /** Lines of a log quoted in an assertion message. */
 const FAILURE_OUTPUT_LINES = 80;
 
-async function findTool(name: string): Promise<boolean> {
-  const probe = new Deno.Command("/bin/sh", {
-    args: ["-c", 'command -v "$1"', "sh", name],
-    stdout: "null",
-    stderr: "null",
-    env: { PATH: `${Deno.env.get("PATH") ?? ""}:/usr/sbin:/sbin` },
-  });
-  return (await probe.output()).success;
-}
-
-async function missingTools(): Promise<string[]> {
-  const missing: string[] = [];
-  for (const tool of REQUIRED_TOOLS) {
-    if (!(await findTool(tool))) missing.push(tool);
-  }
-  return missing;
-}
-
-interface Ran {
-  code: number;
-  stdout: string;
-  stderr: string;
-  seconds: number;
-}
-
-async function run(command: string, args: string[]): Promise<Ran> {
-  const started = performance.now();
-  const output = await new Deno.Command(command, {
-    args,
-    cwd: REPO,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    env: {
-      PATH: `${Deno.env.get("PATH") ?? ""}:/usr/sbin:/sbin`,
-      // The guests run clogd with the deno that runs this test, unless told otherwise.
-      CLOGD_DENO: Deno.env.get("CLOGD_DENO") ?? Deno.execPath(),
-    },
-  }).output();
-  const decoder = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: decoder.decode(output.stdout),
-    stderr: decoder.decode(output.stderr),
-    seconds: (performance.now() - started) / 1000,
-  };
-}
-
-function tail(text: string, lines: number): string {
-  return text.trimEnd().split("\n").slice(-lines).join("\n");
-}
-
-async function readText(path: string): Promise<string> {
-  try {
-    return await Deno.readTextFile(path);
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) return "";
-    throw error;
-  }
-}
-
 /** The verdict lines of one guest's test log: step name to "PASS" or the FAIL line. */
 function verdicts(log: string): Map<string, string> {
   const out = new Map<string, string>();
@@ -131,7 +69,7 @@ function assertPassed(node: string, steps: Map<string, string>, step: string, wh
   assert.equal(verdict, "PASS", `${node}: ${verdict}\n${where}`);
 }
 
-const missing = await missingTools();
+const missing = await missingTools(REQUIRED_TOOLS);
 const inCi = (Deno.env.get("CI") ?? "") !== "";
 if (missing.length > 0 && !inCi) {
   console.warn(

@@ -8,8 +8,7 @@
  * missing tool fails it.
  */
 import assert from "node:assert/strict";
-
-const REPO = new URL("../", import.meta.url).pathname;
+import { missingTools, readText, run, tail } from "./support/vm.ts";
 
 /** The in-guest cases that must each print a PASS line, in the order the script runs them. */
 const EXPECTED_CASES = [
@@ -34,68 +33,7 @@ const REQUIRED_TOOLS = ["qemu-system-x86_64", "debootstrap"] as const;
 /** Lines of a failed command's output quoted in the assertion message. */
 const FAILURE_OUTPUT_LINES = 120;
 
-async function findTool(name: string): Promise<boolean> {
-  const probe = new Deno.Command("/bin/sh", {
-    args: ["-c", 'command -v "$1"', "sh", name],
-    stdout: "null",
-    stderr: "null",
-    env: { PATH: `${Deno.env.get("PATH") ?? ""}:/usr/sbin:/sbin` },
-  });
-  return (await probe.output()).success;
-}
-
-async function missingTools(): Promise<string[]> {
-  const missing: string[] = [];
-  for (const tool of REQUIRED_TOOLS) {
-    if (!(await findTool(tool))) missing.push(tool);
-  }
-  return missing;
-}
-
-interface Ran {
-  code: number;
-  stdout: string;
-  stderr: string;
-  seconds: number;
-}
-
-async function run(command: string, args: string[]): Promise<Ran> {
-  const started = performance.now();
-  const output = await new Deno.Command(command, {
-    args,
-    cwd: REPO,
-    stdin: "null",
-    stdout: "piped",
-    stderr: "piped",
-    env: {
-      PATH: `${Deno.env.get("PATH") ?? ""}:/usr/sbin:/sbin`,
-      // The guest runs clogd with the deno that runs this test, unless told otherwise.
-      CLOGD_DENO: Deno.env.get("CLOGD_DENO") ?? Deno.execPath(),
-    },
-  }).output();
-  const decoder = new TextDecoder();
-  return {
-    code: output.code,
-    stdout: decoder.decode(output.stdout),
-    stderr: decoder.decode(output.stderr),
-    seconds: (performance.now() - started) / 1000,
-  };
-}
-
-function tail(text: string, lines: number): string {
-  return text.trimEnd().split("\n").slice(-lines).join("\n");
-}
-
-async function readText(path: string): Promise<string> {
-  try {
-    return await Deno.readTextFile(path);
-  } catch (error) {
-    if (error instanceof Deno.errors.NotFound) return "";
-    throw error;
-  }
-}
-
-const missing = await missingTools();
+const missing = await missingTools(REQUIRED_TOOLS);
 const inCi = (Deno.env.get("CI") ?? "") !== "";
 if (missing.length > 0 && !inCi) {
   console.warn(
