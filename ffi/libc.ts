@@ -185,6 +185,61 @@ export const symbols = {
     ],
     result: "i32",
   },
+  /**
+   * ssize_t pwrite(int fd, const void *buf, size_t count, off_t offset), run on a Deno worker
+   * thread so that the JS thread keeps serving the kernel while the device works. errno is the
+   * worker's: after -1, repeat the call with {@link symbols.pwrite} to learn it. The buffer must
+   * stay referenced (and unmoved: an explicit ArrayBuffer) until the call settles.
+   */
+  pwrite_nb: {
+    name: "pwrite",
+    parameters: [
+      "i32", // int fd
+      "buffer", // const void *buf
+      "usize", // size_t count
+      "i64", // off_t offset
+    ],
+    result: "isize",
+    nonblocking: true,
+  },
+  /** ssize_t pread(int fd, void *buf, size_t count, off_t offset) */
+  pread: {
+    parameters: [
+      "i32", // int fd
+      "buffer", // void *buf
+      "usize", // size_t count
+      "i64", // off_t offset
+    ],
+    result: "isize",
+  },
+  /**
+   * ssize_t pread(int fd, void *buf, size_t count, off_t offset) on a Deno worker thread; the
+   * same rules as {@link symbols.pwrite_nb}.
+   */
+  pread_nb: {
+    name: "pread",
+    parameters: [
+      "i32", // int fd
+      "buffer", // void *buf
+      "usize", // size_t count
+      "i64", // off_t offset
+    ],
+    result: "isize",
+    nonblocking: true,
+  },
+  /**
+   * int fdatasync(int fd) on a Deno worker thread: a device cache flush takes milliseconds. Its
+   * errno is the worker's and is lost; a failed fdatasync must not be repeated to learn it (Linux
+   * reports a writeback error once, so the repeat may return 0).
+   */
+  fdatasync_nb: {
+    name: "fdatasync",
+    parameters: [
+      "i32", // int fd
+    ],
+    result: "i32",
+    nonblocking: true,
+  },
   /** pid_t getpid(void) */
   getpid: { parameters: [], result: "i32" },
   /** int unshare(int flags) */
@@ -511,6 +566,15 @@ export const EFD_CLOEXEC = 0o2000000;
 export const O_RDONLY = 0;
 /** `open()` flag: close on exec. */
 export const O_CLOEXEC = 0o2000000;
+/** `open()` flag: read and write. */
+export const O_RDWR = 2;
+/**
+ * `open()` flag: transfer straight between the user buffer and the device, bypassing the page
+ * cache; offsets, lengths and the buffer address must be aligned (to the logical block size).
+ * The value differs by architecture: 0o40000 on x86_64, 0o200000 on aarch64 (where 0o40000 is
+ * O_DIRECTORY).
+ */
+export const O_DIRECT = Deno.build.arch === "aarch64" ? 0o200000 : 0o40000;
 /** `setns()`/`unshare()` flag: network namespace. */
 export const CLONE_NEWNET = 0x40000000;
 /** User signal 1. */

@@ -5,7 +5,8 @@
 import assert from "node:assert/strict";
 import { decodeRdev, resolveLogDevice } from "../src/disk/device.ts";
 import { bitmapBytes, decodeHeader, HEADER_AREA_BYTES, LOG_MAGIC } from "../src/disk/format.ts";
-import { DiskStore } from "../src/disk/store.ts";
+import { openBlockFile } from "../src/disk/block_file.ts";
+import { DiskStore, MAX_WRITE_RUN_BYTES } from "../src/disk/store.ts";
 
 const decoder = new TextDecoder();
 
@@ -475,10 +476,11 @@ Deno.test("a failed write rejects, sets failed, and the next write() rewrites ev
       const bits = allClean(REGIONS);
       await assert.rejects(
         store.write(bits, { words: [] }, REGIONS),
-        /^Error: Log device .*log\.img: write of \d+ bytes at offset \d+ failed: .*No space left/,
+        // ENOSPC through O_DIRECT (tmpfs has it since Linux 6.6), the text through Deno.FsFile.
+        /^Error: Log device .*log\.img: write of \d+ bytes at offset \d+ failed: .*(ENOSPC \(28\)|No space left)/,
       );
       assert.equal(store.failed, true);
-      assert.match(store.lastError?.message ?? "", /No space left/);
+      assert.match(store.lastError?.message ?? "", /ENOSPC \(28\)|No space left/);
       assert.equal(store.stats.failures, 1);
 
       Deno.removeSync(`${mnt}/filler`);
@@ -534,6 +536,7 @@ Deno.test({
         // 100000 regions: 12500 bitmap bytes; 1024 + 12500 -> 16384 = four 4 KiB blocks.
         const regions = 100000;
         const store = await DiskStore.open(info, { regionCount: regions });
+        assert.equal(store.stats.direct, 1, "a block device takes O_DIRECT");
         assert.equal(store.areaSize, 16384);
         assert.deepEqual(await store.load("default"), {});
         const bits = new Uint8Array(bitmapBytes(regions)).fill(0xFF);
@@ -582,4 +585,161 @@ Deno.test("write() with sync: false writes the blocks but issues no fdatasync", 
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+/** The filesystem type of `dir` as stat(1) names it ("ext2/ext3" for ext4, "tmpfs", ...). */
+function fsType(dir: string): string {
+  return run("stat", ["-f", "-c", "%T", dir]).stdout;
+}
+
+/** Filesystems known to take O_DIRECT (tmpfs since Linux 6.6). */
+const DIRECT_FILESYSTEMS = ["ext2/ext3", "xfs", "btrfs"];
+
+Deno.test("DiskStore.open() uses O_DIRECT on an ext4 file; a direct read sees each write", async () => {
+  await withTempDir(async (dir) => {
+    const type = fsType(dir);
+    if (!DIRECT_FILESYSTEMS.includes(type)) {
+      console.warn(`disk_store_test: temp dir on ${type}: O_DIRECT file case skipped`);
+      return;
+    }
+    const { store, bits, path } = await formatted(dir);
+    try {
+      assert.equal(store.stats.direct, 1);
+      assert.equal(store.openWarning, undefined);
+      await store.write(bits, { words: [dirty(bits, 5000)] }, REGIONS, { sync: false });
+      // Read with O_DIRECT by another process: the device's content, not a page cache.
+      const out = new Deno.Command("dd", {
+        args: [`if=${path}`, "iflag=direct", "bs=512", `count=${AREA / 512}`, "status=none"],
+        stdout: "piped",
+      }).outputSync();
+      assert.ok(out.success, "dd iflag=direct");
+      assert.equal(out.stdout.length, AREA);
+      assert.equal(decodeHeader(out.stdout).magic, LOG_MAGIC);
+      assert.deepEqual(
+        out.stdout.subarray(HEADER_AREA_BYTES, HEADER_AREA_BYTES + bits.length),
+        bits,
+      );
+    } finally {
+      await store.close();
+    }
+  });
+});
+
+Deno.test({
+  name: "DiskStore on a loop device bypasses its page cache both ways (another node's view)",
+  ignore: !HAVE_LOOP,
+  fn: async () => {
+    await withTempDir(async (dir) => {
+      const backing = makeFile(`${dir}/loop.img`, 1 << 20);
+      const loop = attachLoop(backing, 512);
+      if (loop === undefined) return;
+      try {
+        const store = await DiskStore.open(resolveLogDevice(loop), { regionCount: REGIONS });
+        try {
+          assert.equal(store.stats.direct, 1);
+          assert.deepEqual(await store.load("default"), {});
+          const bits = allClean(REGIONS);
+          await store.write(bits, { words: [] }, REGIONS);
+          // A clean-only write is not synced; it must still be on the device, not in this
+          // host's cache of /dev/loopN, when write() resolves: the backing file is the device.
+          const before = store.stats.syncs;
+          dirty(bits, 100);
+          const word = dirty(bits, 200);
+          await store.write(bits, { words: [word] }, REGIONS, { sync: false });
+          assert.equal(store.stats.syncs, before, "no sync");
+          assert.deepEqual(readBytes(backing, HEADER_AREA_BYTES, bits.length), bits);
+
+          // Another node rewrites the log under this host's page cache of /dev/loopN: fill
+          // that cache with a buffered read first, then change the device behind it.
+          const cached = new Deno.Command("dd", {
+            args: [`if=${loop}`, "bs=4096", "count=4", "status=none"],
+            stdout: "null",
+          }).outputSync();
+          assert.ok(cached.success, "buffered read of the loop device");
+          const other = allClean(REGIONS);
+          dirty(other, 31999);
+          const file = Deno.openSync(backing, { write: true });
+          file.seekSync(HEADER_AREA_BYTES, Deno.SeekMode.Start);
+          file.writeSync(other);
+          file.syncSync();
+          file.close();
+          // The batch loop ends a tick after the write's promise resolved.
+          await new Promise((resolve) => setTimeout(resolve, 0));
+          const loaded = await store.load("default");
+          assert.deepEqual(loaded.image?.cleanBits, other, "load() reads the device, not a cache");
+        } finally {
+          await store.close();
+        }
+      } finally {
+        run("losetup", ["-d", loop]);
+      }
+    });
+  },
+});
+
+Deno.test("DiskStore.open() falls back to buffered I/O with a warning where O_DIRECT is refused", async () => {
+  await withTempDir(async (dir) => {
+    // ramfs has no direct I/O: open(O_DIRECT) fails with EINVAL (tmpfs accepts it since 6.6).
+    const mnt = `${dir}/mnt`;
+    Deno.mkdirSync(mnt);
+    if (!run("mount", ["-t", "ramfs", "clogd-disk-test", mnt]).ok) {
+      console.warn("disk_store_test: cannot mount ramfs (not root?): fallback case skipped");
+      return;
+    }
+    const opened: DiskStore[] = [];
+    try {
+      const path = makeFile(`${mnt}/log.img`, 8192);
+      const store = await openFileStore(path, REGIONS);
+      opened.push(store);
+      assert.equal(store.stats.direct, 0);
+      assert.match(store.openWarning ?? "", /^O_DIRECT refused \(open failed: EINVAL \(22\)\)/);
+      const first = await store.load("default");
+      assert.equal(first.image, undefined, "a fresh log, not a failed one");
+      assert.equal(first.warning, store.openWarning, "the first load() reports it");
+      assert.equal((await store.load("default")).warning, undefined, "once");
+      const bits = allClean(REGIONS);
+      await store.write(bits, { words: [] }, REGIONS);
+      await store.write(bits, { words: [dirty(bits, 7)] }, REGIONS);
+      assert.equal(store.failed, false);
+      await store.close();
+      const again = await openFileStore(path, REGIONS);
+      opened.push(again);
+      const loaded = await again.load("default");
+      assert.equal(loaded.image?.nrRegions, REGIONS);
+      assert.deepEqual(loaded.image?.cleanBits, bits);
+      assert.equal(loaded.warning, again.openWarning);
+      await again.close();
+    } finally {
+      for (const store of opened) await store.close().catch(() => {});
+      if (!run("umount", [mnt]).ok) run("umount", ["-l", mnt]);
+    }
+  });
+});
+
+Deno.test("openBlockFile() refuses unaligned direct I/O and splits I/O at its buffer size", async () => {
+  await withTempDir(async (dir) => {
+    if (!DIRECT_FILESYSTEMS.includes(fsType(dir))) return;
+    const path = makeFile(`${dir}/f.img`, 8192);
+    const { file, warning } = await openBlockFile(path, { blockSize: 512, maxIoBytes: 2048 });
+    try {
+      assert.equal(file.direct, true);
+      assert.equal(warning, undefined);
+      await assert.rejects(file.pwrite(new Uint8Array(100), 0), /Unaligned direct write/);
+      await assert.rejects(file.pread(new Uint8Array(512), 100), /Unaligned direct read/);
+      // 5 KiB through a 2 KiB buffer: three system calls each way, one after another.
+      const data = new Uint8Array(5120).map((_, i) => (i * 7) & 0xFF);
+      await Promise.all([file.pwrite(data, 512), file.datasync()]);
+      const back = new Uint8Array(5120);
+      await file.pread(back, 512);
+      assert.deepEqual(back, data);
+      assert.deepEqual(readBytes(path, 512, 5120), data);
+      await assert.rejects(
+        file.pread(new Uint8Array(4096), 4096 + 2048),
+        /end of device at byte 8192/,
+      );
+    } finally {
+      await file.close();
+    }
+    assert.equal(MAX_WRITE_RUN_BYTES % 65536, 0, "a write run holds whole blocks of any size");
+  });
 });
