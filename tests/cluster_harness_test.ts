@@ -192,11 +192,17 @@ async function orphanCluster(how: "exit" | "sigkill"): Promise<{ dir: string; na
 }
 
 Deno.test("Cluster's exit hook cleans up when its process exits without close()", async () => {
+  const shmBefore = new Set([...Deno.readDirSync("/dev/shm")].map((e) => e.name));
   const { dir, names } = await orphanCluster("exit");
   assert.equal(names.length, 2);
   const existing = listNamespaces();
   assert.deepEqual(names.filter((name) => existing.includes(name)), []);
   await assert.rejects(() => Deno.stat(dir), Deno.errors.NotFound);
+  // corosync's client connections (libqb directories) are gone too.
+  const shm = [...Deno.readDirSync("/dev/shm")].map((e) => e.name).filter((name) =>
+    name.startsWith("qb-") && !shmBefore.has(name)
+  );
+  assert.deepEqual(shm, []);
 });
 
 Deno.test("cleanupClusterDir() cleans up after an owner killed with SIGKILL", async () => {

@@ -1029,7 +1029,8 @@ export class Cluster implements AsyncDisposable {
     }
     for (const file of shmOf(this.#corosyncPids)) {
       try {
-        Deno.removeSync(`/dev/shm/${file}`);
+        // libqb keeps one directory per connection (qb-SERVERPID-CLIENTPID-*).
+        Deno.removeSync(`/dev/shm/${file}`, { recursive: true });
       } catch {
         // Gone already.
       }
