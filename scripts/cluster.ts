@@ -26,6 +26,7 @@ import {
   type FaultTiming,
   type LoadOptions,
 } from "../tests/support/cluster.ts";
+import { quote } from "../tests/support/corosync.ts";
 
 /** Default state directory. */
 export const DEFAULT_DIR = "/run/clogd-cluster";
@@ -421,10 +422,6 @@ function print(status: unknown, json: boolean): void {
       console.log(`    ${l.uuid} members [${l.members}] digest ${l.digest}`);
     }
   }
-}
-
-function quote(text: string): string {
-  return `'${text.replaceAll("'", `'"'"'`)}'`;
 }
 
 if (import.meta.main) {

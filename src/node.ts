@@ -272,24 +272,22 @@ export class Node {
   }
 
   #effect(e: Effect): void {
-    {
-      switch (e.kind) {
-        case "reply":
-          this.#replied(e.tag, e.result);
-          break;
-        case "mcast":
-          this.#transport.mcast(e.bytes);
-          break;
-        case "diskWrite":
-          this.#diskWrite(e);
-          break;
-        case "log":
-          if (e.level === "debug") this.#log.debug(e.msg);
-          else if (e.level === "info") this.#log.info(e.msg);
-          else if (e.level === "warn") this.#log.warn(e.msg);
-          else this.#log.error(e.msg);
-          break;
-      }
+    switch (e.kind) {
+      case "reply":
+        this.#replied(e.tag, e.result);
+        break;
+      case "mcast":
+        this.#transport.mcast(e.bytes);
+        break;
+      case "diskWrite":
+        this.#diskWrite(e);
+        break;
+      case "log":
+        if (e.level === "debug") this.#log.debug(e.msg);
+        else if (e.level === "info") this.#log.info(e.msg);
+        else if (e.level === "warn") this.#log.warn(e.msg);
+        else this.#log.error(e.msg);
+        break;
     }
   }
 
@@ -366,10 +364,9 @@ export class Node {
       return this.#answer(request, { errno: Errno.EINVAL });
     }
     const config: LogConfig = { ...args, uuid: request.uuid, luid: request.luid };
-    try {
-      new LogReplica(config); // validates the geometry (and its memory) before accepting
-    } catch (err) {
-      this.#log.error(`CTR for ${request.uuid} rejected: ${errText(err)}`);
+    const bad = LogReplica.check(config);
+    if (bad !== undefined) {
+      this.#log.error(`CTR for ${request.uuid} rejected: ${bad}`);
       return this.#answer(request, { errno: Errno.EINVAL });
     }
     const slot: LogSlot = {

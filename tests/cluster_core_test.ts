@@ -643,7 +643,10 @@ Deno.test("deliver() applies nothing from a node that is not a member of the log
   assert.equal(h.node(1).core!.stats.malformed, 0);
 });
 
-/** Several cores in one simulated CPG group that can be split into parts and merged. */
+/**
+ * Several cores in one simulated CPG group that can be split into parts and merged. The seeded
+ * simulator's bus (tests/sim/harness.ts) has one group and models crashes, not partitions.
+ */
 class Group {
   readonly cores = new Map<number, ClusterCore>();
   readonly answers = new Map<number, Map<number, OpResult>>();

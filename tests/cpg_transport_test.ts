@@ -4,7 +4,7 @@
 // (tests/support/cpg_transport_child.ts). Run with --v8-flags=--stack-size=2048.
 import assert from "node:assert/strict";
 import { CpgError, CpgHandle, CS_ERR_LIBRARY } from "../ffi/cpg.ts";
-import { type CpgLimits, CpgTransport, DEFAULT_CPG_GROUP } from "../src/bus/cpg.ts";
+import { CpgTransport, DEFAULT_CPG_GROUP } from "../src/bus/cpg.ts";
 import { Logger } from "../src/logger.ts";
 import { EventLoop } from "../src/loop.ts";
 import { Corosync } from "./support/corosync.ts";
@@ -15,6 +15,7 @@ import {
   waitUntil,
 } from "./support/cpg_transport_child.ts";
 import { NetworkNamespace, withNetns } from "./support/netns.ts";
+import { TransportHarness } from "./support/transport_harness.ts";
 
 const CHILD = new URL("./support/cpg_transport_child.ts", import.meta.url).pathname;
 // Generous: a busy shared 2-core machine; a passing step takes a fraction of it.
@@ -93,40 +94,6 @@ class TwoNodes implements AsyncDisposable {
   }
 }
 
-/** An EventLoop running in this process, and transports on it closed at the end. */
-class Harness implements AsyncDisposable {
-  readonly loop = new EventLoop({ timeoutMs: 100 });
-  readonly #running = this.loop.run();
-  readonly #transports: CpgTransport[] = [];
-
-  /**
-   * A transport of node `corosync`, connected (also on reconnection) inside its namespace, with
-   * quorum tracked there too (these clusters are quorate with any number of nodes).
-   */
-  connect(
-    corosync: Corosync,
-    options: { group?: string; limits?: Partial<CpgLimits> } = {},
-  ): CpgTransport {
-    const transport = CpgTransport.connect({
-      loop: this.loop,
-      group: options.group,
-      logger,
-      limits: options.limits,
-      open: (callbacks) => corosync.openCpg(callbacks),
-      openQuorum: (callbacks) => corosync.openQuorum(callbacks),
-    });
-    this.#transports.push(transport);
-    return transport;
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    for (const t of this.#transports) t.close();
-    this.loop.stop();
-    await this.#running;
-    this.loop.close();
-  }
-}
-
 /** Starts `transport` with a new recorder and waits for the change in which it joined. */
 async function startAndJoin(transport: CpgTransport): Promise<TransportRecorder> {
   const recorder = new TransportRecorder();
@@ -168,7 +135,7 @@ Deno.test("CpgTransport over a two-node corosync cluster", async (t) => {
   const started = performance.now();
   await using cluster = await TwoNodes.start();
   const [node1, node2] = cluster.nodes;
-  await using harness = new Harness();
+  await using harness = new TransportHarness(logger);
   const t1 = harness.connect(node1);
   assert.equal(t1.nodeId, 1);
   assert.equal(t1.group, DEFAULT_CPG_GROUP);

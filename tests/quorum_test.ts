@@ -31,12 +31,12 @@ import { CpgTransport } from "../src/bus/cpg.ts";
 import type { DaemonStatus } from "../src/cli/status.ts";
 import type { KernelSimReport } from "../src/sim/cli.ts";
 import { Logger } from "../src/logger.ts";
-import { EventLoop } from "../src/loop.ts";
 import { Cluster, type ClusterOptions, REPO } from "./support/cluster.ts";
 import { Corosync, DenoChild } from "./support/corosync.ts";
 import { payload, TransportRecorder, waitUntil } from "./support/cpg_transport_child.ts";
 import { GC_ROUNDS, orderFindings } from "./support/quorum_probe.ts";
 import { withNetns } from "./support/netns.ts";
+import { TransportHarness } from "./support/transport_harness.ts";
 
 /** Generous: a busy shared 2-core machine; a passing wait takes a fraction of it. */
 const TIMEOUT_MS = 30_000;
@@ -52,6 +52,8 @@ const TOKEN_MS = 1000;
 const NAME = `clogd-q${Deno.pid}`;
 const CHILD = `${REPO}tests/support/cpg_transport_child.ts`;
 const PROBE = `${REPO}tests/support/quorum_probe.ts`;
+/** Fast reconnection and quorum polling, so the tests wait less. */
+const QUICK_LIMITS = { reconnectInitialMs: 20, quorumPollInitialMs: 20, quorumPollMaxMs: 200 };
 const logger = new Logger(Deno.env.get("CLOGD_TEST_LOG") === "1" ? "debug" : "error", "test");
 
 function sorted(ids: readonly number[]): number[] {
@@ -96,34 +98,6 @@ async function nextNotification(
     view.setInt16(POLLFD.revents, 0, true);
     await libc().poll_nb(pollfd, 1n, 100);
     assert.equal(handle.dispatch(), CS_OK);
-  }
-}
-
-/** An EventLoop in this process, and transports on it, closed at the end. */
-class Harness implements AsyncDisposable {
-  readonly loop = new EventLoop({ timeoutMs: 100 });
-  readonly #running = this.loop.run();
-  readonly #transports: CpgTransport[] = [];
-
-  /** A transport of `corosync`'s node, CPG and quorum opened inside its namespace. */
-  connect(corosync: Corosync, group: string): CpgTransport {
-    const transport = CpgTransport.connect({
-      loop: this.loop,
-      group,
-      logger,
-      limits: { reconnectInitialMs: 20, quorumPollInitialMs: 20, quorumPollMaxMs: 200 },
-      open: (callbacks) => corosync.openCpg(callbacks),
-      openQuorum: (callbacks) => corosync.openQuorum(callbacks),
-    });
-    this.#transports.push(transport);
-    return transport;
-  }
-
-  async [Symbol.asyncDispose](): Promise<void> {
-    for (const t of this.#transports) t.close();
-    this.loop.stop();
-    await this.#running;
-    this.loop.close();
   }
 }
 
@@ -232,8 +206,8 @@ Deno.test("CpgTransport joins only once quorate: 1 node expecting 2 votes, then 
     clusterName: "qwait",
     quorum: { provider: "votequorum", expectedVotes: 2 },
   });
-  await using harness = new Harness();
-  const transport = harness.connect(corosync, "qwait");
+  await using harness = new TransportHarness(logger);
+  const transport = harness.connect(corosync, { group: "qwait", limits: QUICK_LIMITS });
   const recorder = started(transport);
   assert.equal(transport.state, "inquorate");
   assert.deepEqual(transport.quorumState, {
@@ -304,11 +278,11 @@ Deno.test("CpgTransport on 3 nodes: a majority delivers NODEDOWN once its ring i
     tokenMs: TOKEN_MS,
     name: `${NAME}g`,
   });
-  await using harness = new Harness();
+  await using harness = new TransportHarness(logger);
   const node1 = cluster.node(1).corosync;
-  const t1 = harness.connect(node1, "qgate");
+  const t1 = harness.connect(node1, { group: "qgate", limits: QUICK_LIMITS });
   // Alone in its group: corosync never sends it a confchg for the others' nodes.
-  const solo = harness.connect(node1, "qgate-solo");
+  const solo = harness.connect(node1, { group: "qgate-solo", limits: QUICK_LIMITS });
   const r1 = started(t1);
   const rSolo = started(solo);
   await joined(t1, r1);

@@ -181,29 +181,36 @@ export class LogReplica implements LogReplicaLike {
   /** Every region below this is in sync (a cache for the in_sync_hint). */
   #lowOutOfSync = 0;
 
-  /** An uninitialized replica (state is set by the first RESUME or a checkpoint). */
-  constructor(config: LogConfig) {
+  /**
+   * Why `config` cannot make a replica (region count or size out of range, unknown kind, status
+   * text too long for a reply), or undefined. Allocates nothing: for checking a CTR.
+   */
+  static check(config: LogConfig): string | undefined {
     const { regionCount, regionSize, kind } = config;
     if (!Number.isInteger(regionCount) || regionCount < 1 || regionCount > MAX_REGION_COUNT) {
-      throw new RangeError(
-        `Region count must be from 1 to ${MAX_REGION_COUNT}, got ${regionCount}`,
-      );
+      return `Region count must be from 1 to ${MAX_REGION_COUNT}, got ${regionCount}`;
     }
     if (!Number.isInteger(regionSize) || regionSize < 1 || regionSize > MAX_REGION_SIZE) {
-      throw new RangeError(`Region size must be from 1 to ${MAX_REGION_SIZE}, got ${regionSize}`);
+      return `Region size must be from 1 to ${MAX_REGION_SIZE}, got ${regionSize}`;
     }
     if (kind !== "clustered-core" && kind !== "clustered-disk") {
-      throw new RangeError(`Unknown log kind ${String(kind)}`);
+      return `Unknown log kind ${String(kind)}`;
     }
     const longest = Math.max(
       statusInfoText(config, { diskFailed: true }).length,
       statusTableText(config).length,
     );
     if (longest + 1 > MAX_STATUS_REPLY) {
-      throw new RangeError(
-        `Status text of ${longest} bytes does not fit ${MAX_STATUS_REPLY} bytes`,
-      );
+      return `Status text of ${longest} bytes does not fit ${MAX_STATUS_REPLY} bytes`;
     }
+    return undefined;
+  }
+
+  /** An uninitialized replica (state is set by the first RESUME or a checkpoint). */
+  constructor(config: LogConfig) {
+    const bad = LogReplica.check(config);
+    if (bad !== undefined) throw new RangeError(bad);
+    const { regionCount, kind } = config;
     this.#config = config;
     this.#regionCount = regionCount;
     this.#sync = new Bitmap(regionCount);

@@ -468,12 +468,8 @@ function parse(args: string[]): Parsed | "help" {
   };
 }
 
-function buildReport(
-  model: KernelModel,
-  workload: Workload,
-  result: DriverResult,
-  config: Record<string, unknown>,
-): KernelSimReport {
+/** The request counters of a report or snapshot. */
+function requestCounts(model: KernelModel): KernelSimReport["requests"] {
   const s = model.stats;
   const byType: Record<string, number> = {};
   let sent = 0;
@@ -483,6 +479,29 @@ function buildReport(
     sent += s.sent[t];
     replied += s.replied[t];
   }
+  return {
+    sent,
+    byType,
+    replied,
+    errorReplies: s.errorReplies,
+    resends: s.resends,
+    timeouts: s.timeouts,
+    eagain: s.eagain,
+    esrch: s.esrch,
+    reCtr: s.reCtr,
+    sendFailures: s.sendFailures,
+    lateReplies: s.lateReplies,
+    outstanding: model.outstanding,
+  };
+}
+
+function buildReport(
+  model: KernelModel,
+  workload: Workload,
+  result: DriverResult,
+  config: Record<string, unknown>,
+): KernelSimReport {
+  const requests = requestCounts(model);
   const runs = workload.summary();
   const v = model.violations;
   const elapsedMs = Math.round(result.elapsedMs * 1000) / 1000;
@@ -492,23 +511,16 @@ function buildReport(
     finished: result.finished,
     config,
     elapsedMs,
-    requestsPerSec: result.elapsedMs > 0 ? Math.round((sent / result.elapsedMs) * 1000) : 0,
+    requestsPerSec: result.elapsedMs > 0
+      ? Math.round((requests.sent / result.elapsedMs) * 1000)
+      : 0,
     ioPhase: steadyReport(workload),
-    requests: {
-      sent,
-      byType,
-      replied,
-      errorReplies: s.errorReplies,
-      resends: s.resends,
-      timeouts: s.timeouts,
-      eagain: s.eagain,
-      esrch: s.esrch,
-      reCtr: s.reCtr,
-      sendFailures: s.sendFailures,
-      lateReplies: s.lateReplies,
-      outstanding: model.outstanding,
+    requests,
+    io: {
+      writes: model.stats.writesDone,
+      reads: model.stats.readsDone,
+      regionsRecovered: model.stats.regionsRecovered,
     },
-    io: { writes: s.writesDone, reads: s.readsDone, regionsRecovered: s.regionsRecovered },
     flushLatencyUs: model.latency[9].summary(),
     latencyUs: model.latencySummaries(requestTypeName),
     violations: { total: v.total, byKind: { ...v.byKind }, first: v.kept.slice(0, 100) },
@@ -523,15 +535,6 @@ function buildSnapshot(
   at: { index: number; final: boolean; wallZero: number },
 ): KernelSimSnapshot {
   const wall = (ms: number) => Math.round((at.wallZero + ms) * 1000) / 1000;
-  const s = model.stats;
-  let sent = 0;
-  let replied = 0;
-  const byType: Record<string, number> = {};
-  for (let t = 0; t < s.sent.length; t++) {
-    if (s.sent[t] > 0) byType[requestTypeName(t)] = s.sent[t];
-    sent += s.sent[t];
-    replied += s.replied[t];
-  }
   const runs = workload.summary();
   const mirrors = model.mirrors();
   const oldest = model.oldestWaiting();
@@ -540,20 +543,7 @@ function buildSnapshot(
     index: at.index,
     final: at.final,
     wallMs: Date.now(),
-    requests: {
-      sent,
-      byType,
-      replied,
-      errorReplies: s.errorReplies,
-      resends: s.resends,
-      timeouts: s.timeouts,
-      eagain: s.eagain,
-      esrch: s.esrch,
-      reCtr: s.reCtr,
-      sendFailures: s.sendFailures,
-      lateReplies: s.lateReplies,
-      outstanding: model.outstanding,
-    },
+    requests: requestCounts(model),
     oldestWaitingMs: oldest === null ? null : wall(oldest),
     violations: {
       total: v.total,

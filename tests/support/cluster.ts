@@ -60,7 +60,7 @@
 import { controlRequest } from "../../src/control.ts";
 import type { DaemonStatus } from "../../src/cli/status.ts";
 import type { KernelSimReport } from "../../src/sim/cli.ts";
-import { Corosync, type CorosyncQuorum } from "./corosync.ts";
+import { Corosync, type CorosyncQuorum, delay as sleep, quote, run as sh } from "./corosync.ts";
 import { NetworkNamespace } from "./netns.ts";
 
 /** Repository root. */
@@ -1168,25 +1168,4 @@ async function removeShmOf(pids: ReadonlySet<number>): Promise<void> {
   for (const file of shmOf(pids)) {
     await Deno.remove(`/dev/shm/${file}`, { recursive: true }).catch(() => {});
   }
-}
-
-async function sh(command: string[]): Promise<void> {
-  const { code, stderr } = await new Deno.Command(command[0], {
-    args: command.slice(1),
-    stdout: "null",
-    stderr: "piped",
-  }).output();
-  if (code !== 0) {
-    throw new Error(
-      `${command.join(" ")} exited with ${code}: ${new TextDecoder().decode(stderr).trim()}`,
-    );
-  }
-}
-
-function quote(text: string): string {
-  return `'${text.replaceAll("'", `'"'"'`)}'`;
-}
-
-function sleep(ms: number): Promise<void> {
-  return new Promise((resolve) => setTimeout(resolve, ms));
 }

@@ -710,7 +710,8 @@ function listShm(): Set<string> {
   return names;
 }
 
-async function run(command: string[]): Promise<void> {
+/** Runs `command` (output discarded); throws with its stderr when it exits non-zero. */
+export async function run(command: string[]): Promise<void> {
   const { code, stderr } = await new Deno.Command(command[0], {
     args: command.slice(1),
     stdout: "null",
@@ -723,10 +724,12 @@ async function run(command: string[]): Promise<void> {
   }
 }
 
-function quote(text: string): string {
+/** `text` quoted for sh. */
+export function quote(text: string): string {
   return `'${text.replaceAll("'", `'"'"'`)}'`;
 }
 
-function delay(ms: number): Promise<void> {
+/** Resolves after `ms` milliseconds. */
+export function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
