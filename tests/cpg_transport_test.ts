@@ -156,14 +156,16 @@ Deno.test("CpgTransport over a two-node corosync cluster", async (t) => {
       "2",
     ]);
     await waitUntil(() => r1.members.includes(2), { timeoutMs: TIMEOUT_MS, what: "node 2" });
-    assert.deepEqual(r1.confchgs.at(-1), { members: [1, 2], left: [], joined: [2] });
+    const joinedAt = r1.confchgs.findLastIndex((c) => c.joined.includes(2));
+    assert.deepEqual(r1.confchgs[joinedAt], { members: [1, 2], left: [], joined: [2] });
+    // The child sends once it saw that change: everything of its burst is delivered after it
+    // (some of it perhaps before we read its "ready" line).
+    const start = r1.confchgAt[joinedAt];
     const ready = await child.waitFor((l) => l.event === "ready", {
       timeoutMs: TIMEOUT_MS,
       what: "ready",
     });
     assert.deepEqual(ready.members, [1, 2]);
-    // Both bursts at once: the child may already be sending.
-    const start = r1.deliveries.length;
     for (let i = 0; i < count; i++) t1.mcast(payload(1, i));
     await waitUntil(() => r1.countFrom(1, start) >= count && r1.countFrom(2, start) >= count, {
       timeoutMs: TIMEOUT_MS,

@@ -560,7 +560,7 @@ export class DenoChild implements AsyncDisposable {
             line === "end" ? "ended its output" : `timed out after ${options.timeoutMs} ms`
           } before ${options.what ?? "the expected line"}; stdout: ${
             JSON.stringify(this.lines).slice(-2000)
-          }; stderr: ${this.#stderr.slice(-2000)}`,
+          }; stderr: ${headAndTail(this.#stderr, 2000)}`,
         );
       }
       if (match(line)) return line;
@@ -732,4 +732,10 @@ export function quote(text: string): string {
 /** Resolves after `ms` milliseconds. */
 export function delay(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** `text` if at most 2 * `keep` characters, else its first and last `keep` with "[...]" between. */
+function headAndTail(text: string, keep: number): string {
+  if (text.length <= 2 * keep) return text;
+  return `${text.slice(0, keep)}[...]${text.slice(-keep)}`;
 }

@@ -72,6 +72,8 @@ export class TransportRecorder implements TransportHandlers {
   readonly deliveries: { from: number; bytes: Uint8Array }[] = [];
   /** Every membership change. */
   readonly confchgs: Confchg[] = [];
+  /** For each membership change, how many deliveries came before it. */
+  readonly confchgAt: number[] = [];
   /** Every disconnection reason. */
   readonly disconnects: string[] = [];
   /** Called after each event is recorded. */
@@ -86,6 +88,7 @@ export class TransportRecorder implements TransportHandlers {
   /** Records a membership change. */
   confchg(change: Confchg): void {
     this.confchgs.push(change);
+    this.confchgAt.push(this.deliveries.length);
     this.onEvent?.("confchg");
   }
 
@@ -168,7 +171,11 @@ async function withTransport(
 ): Promise<void> {
   const loop = new EventLoop({ timeoutMs: 100 });
   const running = loop.run();
-  const transport = CpgTransport.connect({ loop, group, logger: new Logger("warn", "child") });
+  const transport = CpgTransport.connect({
+    loop,
+    group,
+    logger: new Logger(Deno.env.get("CLOGD_TEST_LOG") === "1" ? "debug" : "warn", "child"),
+  });
   const recorder = new TransportRecorder();
   try {
     transport.start(recorder);
@@ -227,17 +234,20 @@ async function member(args: string[]): Promise<void> {
   await withTransport(group, async (transport, recorder) => {
     const bye = `leave:${transport.nodeId}`;
     const decoder = new TextDecoder();
-    let seen = 0;
+    // Events recorded before this runs (the join, perhaps a disconnection right after it) are
+    // reported by the first call: report() catches up, it does not only echo the latest.
+    let confchgsSeen = 0;
+    let disconnectsSeen = 0;
     const report = () => {
-      for (; seen < recorder.confchgs.length; seen++) {
-        emit({ event: "confchg", ...recorder.confchgs[seen] });
+      for (; confchgsSeen < recorder.confchgs.length; confchgsSeen++) {
+        emit({ event: "confchg", ...recorder.confchgs[confchgsSeen] });
+      }
+      for (; disconnectsSeen < recorder.disconnects.length; disconnectsSeen++) {
+        emit({ event: "disconnected", reason: recorder.disconnects[disconnectsSeen] });
       }
     };
     recorder.onEvent = (kind) => {
       report();
-      if (kind === "disconnected") {
-        emit({ event: "disconnected", reason: recorder.disconnects.at(-1) });
-      }
       if (kind === "deliver" && decoder.decode(recorder.deliveries.at(-1)!.bytes) === bye) {
         leave = true;
       }
