@@ -11,7 +11,9 @@ import { EventLoop } from "./loop.ts";
 import { KernelLink } from "./kernel/link.ts";
 import type { LayoutMode } from "./kernel/codec.ts";
 import { LocalTransport } from "./bus/local.ts";
-import { CpgTransport } from "./bus/cpg.ts";
+import { CONNECT_TRY_AGAIN_LIMIT_MS, CpgTransport } from "./bus/cpg.ts";
+import { CpgError, CS_ERR_TRY_AGAIN } from "../ffi/cpg.ts";
+import { QuorumError } from "../ffi/quorum.ts";
 import type { ClusterTransport } from "./bus/transport.ts";
 import { Node } from "./node.ts";
 import { ControlServer } from "./control.ts";
@@ -52,7 +54,7 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
   const log = new Logger(opts.logLevel);
   const started = Date.now();
   const loop = new EventLoop();
-  const transport = openTransport(opts, loop, log);
+  const transport = await openTransport(opts, loop, log);
   if (transport === null) {
     loop.close();
     return ExitCode.CLUSTER;
@@ -208,7 +210,11 @@ export async function runDaemon(opts: DaemonOptions): Promise<number> {
  * region another node writes could be reported clean. So without --standalone, a corosync that
  * does not answer is an error, not a reason to fall back.
  */
-function openTransport(opts: DaemonOptions, loop: EventLoop, log: Logger): ClusterTransport | null {
+async function openTransport(
+  opts: DaemonOptions,
+  loop: EventLoop,
+  log: Logger,
+): Promise<ClusterTransport | null> {
   if (opts.mode === "standalone") {
     let corosync = false;
     try {
@@ -227,7 +233,18 @@ function openTransport(opts: DaemonOptions, loop: EventLoop, log: Logger): Clust
     return new LocalTransport(1);
   }
   try {
-    const t = CpgTransport.connect({ loop, group: opts.group, logger: log });
+    let retries = 0;
+    const t = await CpgTransport.connectPatiently({ loop, group: opts.group, logger: log }, {
+      onRetry: (error, attempt) => {
+        retries = attempt;
+        const text = `corosync is busy (${error.message}); trying again for up to ${
+          CONNECT_TRY_AGAIN_LIMIT_MS / 1000
+        } s`;
+        if (attempt === 1) log.info(text);
+        else log.debug(text);
+      },
+    });
+    if (retries > 0) log.info(`corosync took the connection after ${retries + 1} attempts`);
     log.info(
       `clogd ${Deno.pid} starting in cluster mode: corosync answered, node id ${t.nodeId}, ` +
         `CPG group "${opts.group}"${opts.mode === "auto" ? " (default when corosync runs)" : ""}`,
@@ -235,7 +252,11 @@ function openTransport(opts: DaemonOptions, loop: EventLoop, log: Logger): Clust
     return t;
   } catch (err) {
     log.error(
-      `Cluster mode needs corosync, which did not answer: ${(err as Error).message}. ` +
+      `Cluster mode needs corosync, which did not answer${
+        (err instanceof CpgError || err instanceof QuorumError) && err.code === CS_ERR_TRY_AGAIN
+          ? ` within ${CONNECT_TRY_AGAIN_LIMIT_MS / 1000} s`
+          : ""
+      }: ${(err as Error).message}. ` +
         "Start corosync (systemctl start corosync), or pass --standalone if no other node " +
         "shares this node's mirrors",
     );

@@ -3,7 +3,8 @@
 // opened inside node 1's namespace, also on every reconnection); node 2's run in child processes
 // (tests/support/cpg_transport_child.ts). Run with --v8-flags=--stack-size=2048.
 import assert from "node:assert/strict";
-import { CpgError, CpgHandle, CS_ERR_LIBRARY } from "../ffi/cpg.ts";
+import { CpgError, CpgHandle, CS_ERR_LIBRARY, CS_ERR_TRY_AGAIN } from "../ffi/cpg.ts";
+import { QuorumError } from "../ffi/quorum.ts";
 import { CpgTransport, DEFAULT_CPG_GROUP } from "../src/bus/cpg.ts";
 import { Logger } from "../src/logger.ts";
 import { EventLoop } from "../src/loop.ts";
@@ -131,6 +132,46 @@ Deno.test("CpgTransport.connect() throws CpgError CS_ERR_LIBRARY when corosync i
   }, { prefix: PREFIX });
 });
 
+Deno.test("CpgTransport.connectPatiently() retries only CS_ERR_TRY_AGAIN, and only so long", async () => {
+  const loop = new EventLoop();
+  try {
+    // Busy twice, then not running: the third error is thrown at once.
+    const codes = [CS_ERR_TRY_AGAIN, CS_ERR_TRY_AGAIN, CS_ERR_LIBRARY];
+    const retries: number[] = [];
+    let calls = 0;
+    await assert.rejects(
+      CpgTransport.connectPatiently({
+        loop,
+        logger,
+        open: () => {
+          throw new CpgError("cpg_model_initialize", codes[calls++]);
+        },
+      }, { onRetry: (_error, attempt) => retries.push(attempt) }),
+      (error: unknown) => error instanceof CpgError && error.code === CS_ERR_LIBRARY,
+    );
+    assert.equal(calls, 3);
+    assert.deepEqual(retries, [1, 2]);
+    // The quorum service busy counts the same; forever busy gives up after the limit.
+    const started = performance.now();
+    let quorumCalls = 0;
+    await assert.rejects(
+      CpgTransport.connectPatiently({
+        loop,
+        logger,
+        open: () => {
+          throw new QuorumError("quorum_model_initialize", CS_ERR_TRY_AGAIN);
+        },
+      }, { limitMs: 300, onRetry: () => quorumCalls++ }),
+      (error: unknown) => error instanceof QuorumError && error.code === CS_ERR_TRY_AGAIN,
+    );
+    const elapsed = performance.now() - started;
+    assert.ok(quorumCalls >= 3, `${quorumCalls} retries`);
+    assert.ok(elapsed >= 100 && elapsed < 2_000, `gave up after ${elapsed} ms`);
+  } finally {
+    loop.close();
+  }
+});
+
 Deno.test("CpgTransport over a two-node corosync cluster", async (t) => {
   const started = performance.now();
   await using cluster = await TwoNodes.start();
@@ -143,6 +184,28 @@ Deno.test("CpgTransport over a two-node corosync cluster", async (t) => {
   const r1 = await startAndJoin(t1);
   assert.deepEqual(r1.confchgs[0], { members: [1], left: [], joined: [1] });
   console.log(`  cluster up and node 1 joined in ${Math.round(performance.now() - started)} ms`);
+
+  await t.step("connectPatiently() gets through a busy corosync to the real one", async () => {
+    let busy = 2;
+    const transport = await CpgTransport.connectPatiently({
+      loop: harness.loop,
+      logger,
+      group: "cpgt-patient",
+      open: (callbacks) => {
+        if (busy-- > 0) throw new CpgError("cpg_model_initialize", CS_ERR_TRY_AGAIN);
+        return node1.openCpg(callbacks);
+      },
+      openQuorum: (callbacks) => node1.openQuorum(callbacks),
+    });
+    try {
+      assert.equal(busy, -1, "two busy answers, then the real connection");
+      assert.equal(transport.nodeId, 1);
+      const recorder = await startAndJoin(transport);
+      assert.deepEqual(recorder.confchgs[0], { members: [1], left: [], joined: [1] });
+    } finally {
+      transport.close();
+    }
+  });
 
   await t.step("two nodes deliver interleaved bursts in one total order", async () => {
     const count = 3000;

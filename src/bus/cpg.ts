@@ -176,6 +176,18 @@ export const QUORUM_POLL_MAX_MS = 1_000;
 /** Verdicts remembered, by ring (a verdict may be read before the ring's CPG events). */
 export const MAX_TRACKED_RINGS = 64;
 
+/**
+ * Longest {@link connectPatiently} waits out `CS_ERR_TRY_AGAIN` from cpg_initialize or
+ * quorum_initialize, in ms: corosync answers so while it starts or syncs (clogd started right
+ * after it, by systemd or by hand), and libqb answers so for a connection handshake a signal
+ * interrupted. A corosync that does not run (`CS_ERR_LIBRARY`) fails at once.
+ */
+export const CONNECT_TRY_AGAIN_LIMIT_MS = 10_000;
+/** First wait between two such connection attempts, in ms (doubles up to the max). */
+export const CONNECT_RETRY_INITIAL_MS = 10;
+/** Longest wait between two such connection attempts, in ms. */
+export const CONNECT_RETRY_MAX_MS = 500;
+
 /** The limits of one transport (defaults: the constants above). */
 export interface CpgLimits {
   /** {@link MAX_DISPATCH_PER_WAKE} */
@@ -496,6 +508,34 @@ export class CpgTransport implements ClusterTransport {
           QuorumHandle.open(callbacks, { libPath: options.quorumLibPath })
         : undefined);
     return new CpgTransport(options, { cpg, quorum });
+  }
+
+  /**
+   * {@link connect}, tried again while corosync answers `CS_ERR_TRY_AGAIN` (see
+   * {@link CONNECT_TRY_AGAIN_LIMIT_MS}), with backoff; the event loop runs meanwhile.
+   *
+   * @throws what {@link connect} throws: at once for anything but `CS_ERR_TRY_AGAIN`, and that
+   *   too once `limitMs` passed
+   */
+  static async connectPatiently(
+    options: CpgTransportOptions,
+    patience: { limitMs?: number; onRetry?: (error: Error, attempt: number) => void } = {},
+  ): Promise<CpgTransport> {
+    const limitMs = patience.limitMs ?? CONNECT_TRY_AGAIN_LIMIT_MS;
+    const deadline = Date.now() + limitMs;
+    let delay = CONNECT_RETRY_INITIAL_MS;
+    for (let attempt = 1;; attempt++) {
+      try {
+        return CpgTransport.connect(options);
+      } catch (error) {
+        const tryAgain = (error instanceof CpgError || error instanceof QuorumError) &&
+          error.code === CS_ERR_TRY_AGAIN;
+        if (!tryAgain || Date.now() + delay > deadline) throw error;
+        patience.onRetry?.(error, attempt);
+      }
+      await new Promise((resolve) => setTimeout(resolve, delay));
+      delay = Math.min(delay * 2, CONNECT_RETRY_MAX_MS);
+    }
   }
 
   /**
