@@ -493,6 +493,39 @@ Deno.test("a clean-only write skips the sync; a disk log's POSTSUSPEND waits for
   assert.equal(s.answers.get(p)?.errno, 0);
 });
 
+Deno.test("deliver() drops messages of another clogd release, saying so per node, not per message", () => {
+  const s = new Solo();
+  const cfg = config(16);
+  s.request(cfg, { op: "resume" });
+  s.run();
+  const digest = s.core.digest("L");
+  const logsBefore = s.logs.length;
+  // A header like ours (magic "CLM1", kind batch) with format version 2, then some body.
+  const foreign = new Uint8Array(24);
+  const view = new DataView(foreign.buffer);
+  view.setUint32(0, 0x314d4c43, true);
+  foreign[4] = 2;
+  foreign[5] = 1;
+  for (let i = 0; i < 3000; i++) s.take(s.core.deliver(2, foreign));
+  s.take(s.core.deliver(3, foreign));
+  assert.equal(s.core.stats.foreignVersion, 3001);
+  assert.equal(s.core.stats.malformed, 0, "not counted as malformed");
+  assert.equal(s.core.digest("L"), digest);
+  const lines = s.logs.slice(logsBefore);
+  // Node 2: its first, 1,024th and 2,048th; node 3: its first.
+  assert.equal(lines.length, 4, lines.join("\n"));
+  assert.match(
+    lines[0],
+    /Node 2 runs a clogd that speaks cluster message version 2; this one speaks 1/,
+  );
+  assert.match(lines[0], /same clogd release/);
+  assert.match(lines[3], /Node 3 runs/);
+  // The log still works.
+  const m = s.request(cfg, { op: "mark", regions: [1] });
+  s.run();
+  assert.equal(s.answers.get(m)?.errno, 0);
+});
+
 Deno.test("deliver() drops malformed messages with a log line and changes nothing", () => {
   const s = new Solo();
   const cfg = config(16);

@@ -89,6 +89,7 @@ import {
   MAX_HOLDS_MEMBERS,
   MAX_MESSAGE_BYTES,
   MAX_WIRE_REGION,
+  MESSAGE_VERSION,
   type WireOp,
 } from "./messages.ts";
 
@@ -129,6 +130,8 @@ export const CLUSTER_TICK_MS = 10;
 export const MALFORMED_LOG_FIRST = 16;
 /** After the first few, one log line per this many malformed messages. */
 export const MALFORMED_LOG_EVERY = 1024;
+/** Nodes whose messages of another clogd release are counted apart (for their log lines). */
+export const MAX_FOREIGN_VERSION_NODES = 64;
 
 /** A local request: a kernel request already decoded (CTR is handled outside), or DTR. */
 export type ClusterOp = Op | { op: "dtr" };
@@ -207,6 +210,8 @@ export interface ClusterStats {
   checkpointsSent: number;
   checkpointChunksSent: number;
   malformed: number;
+  /** Messages from a clogd of another release (another message format version), dropped. */
+  foreignVersion: number;
   joinsByInit: number;
   joinsByCheckpoint: number;
   joinsAbandoned: number;
@@ -329,6 +334,7 @@ export class ClusterCore {
     checkpointsSent: 0,
     checkpointChunksSent: 0,
     malformed: 0,
+    foreignVersion: 0,
     joinsByInit: 0,
     joinsByCheckpoint: 0,
     joinsAbandoned: 0,
@@ -354,6 +360,8 @@ export class ClusterCore {
   #sent: number[] = [];
   #nextNumber = 0;
   readonly #logs = new Map<string, LogState>();
+  /** Messages of another release seen per sender (at most {@link MAX_FOREIGN_VERSION_NODES}). */
+  readonly #foreignVersions = new Map<NodeId, number>();
   #connected = false;
   #group: NodeId[] = [];
   #ticks = 0;
@@ -810,6 +818,30 @@ export class ClusterCore {
   // ---------------------------------------------------------------------------------------------
   // Delivery
 
+  /**
+   * A message from a clogd of another release (its format version is not ours). Every member of
+   * our version drops it alike, so our replicas stay equal; but the sender orders the same logs
+   * apart from us, so a mixed-version cluster must not run: said loudly, first per node and then
+   * every {@link MALFORMED_LOG_EVERY}-th time.
+   */
+  #foreignVersion(from: NodeId, version: number): void {
+    this.stats.foreignVersion++;
+    let seen: number;
+    if (this.#foreignVersions.has(from) || this.#foreignVersions.size < MAX_FOREIGN_VERSION_NODES) {
+      seen = (this.#foreignVersions.get(from) ?? 0) + 1;
+      this.#foreignVersions.set(from, seen);
+    } else {
+      seen = this.stats.foreignVersion; // beyond the nodes counted apart: limited on the total
+    }
+    if (seen !== 1 && seen % MALFORMED_LOG_EVERY !== 0) return;
+    this.#log(
+      "error",
+      `Node ${from} runs a clogd that speaks cluster message version ${version}; this one speaks ` +
+        `${MESSAGE_VERSION}: its messages are ignored (${seen} so far). Every node of the cluster ` +
+        "must run the same clogd release: logs it serves are NOT coordinated with this node's",
+    );
+  }
+
   #deliver(from: NodeId, bytes: Uint8Array): void {
     if (!this.#connected) return;
     const msg = decodeMessage(bytes);
@@ -818,6 +850,10 @@ export class ClusterCore {
     if (from === this.nodeId && !isDecodeError(msg) && this.#sent[0] === msg.number) {
       this.#sent.shift();
       this.#inflight = Math.max(0, this.#inflight - 1);
+    }
+    if (isDecodeError(msg) && msg.version !== undefined) {
+      this.#foreignVersion(from, msg.version);
+      return;
     }
     if (isDecodeError(msg)) {
       this.stats.malformed++;

@@ -163,6 +163,11 @@ export type Message =
 /** Why a message was refused. */
 export interface DecodeError {
   error: string;
+  /**
+   * Set when the message is a clogd cluster message (its magic is ours) of another format
+   * version: the sender runs another clogd release.
+   */
+  version?: number;
 }
 
 const encoder = new TextEncoder();
@@ -671,7 +676,7 @@ export function decodeMessage(bytes: Uint8Array): Message | DecodeError {
     const magic = r.u32("header");
     if (magic !== MESSAGE_MAGIC) return { error: `bad magic 0x${magic.toString(16)}` };
     const version = r.u8("header");
-    if (version !== MESSAGE_VERSION) return { error: `unknown version ${version}` };
+    if (version !== MESSAGE_VERSION) return { error: `unknown version ${version}`, version };
     const kind = r.u8("header");
     const number = r.u16("header");
     let msg: Message;

@@ -37,14 +37,14 @@
  *   expect disk-writes L = 3                 (writes made durable so far)
  *   expect digests L                         (every member's state, cluster bookkeeping included)
  *   expect messages n1 <= 3                  (multicasts by n1 since reset-counts; also = and >=)
- *   expect malformed n2 = 1
+ *   expect malformed n2 = 1                  (dropped: malformed, or of another version)
  *   expect logged n2 WORDS...                (a log line of n2's core contains WORDS)
  *
  * @module
  */
 
 import { ClusterHarness, errnoName, Violation } from "./harness.ts";
-import type { ClusterOp } from "../../src/cluster/core.ts";
+import type { ClusterCore, ClusterOp } from "../../src/cluster/core.ts";
 import { encodeBatch } from "../../src/cluster/messages.ts";
 import { isCtrError, parseCtr } from "../../src/log/ctr.ts";
 import { readS64, readU64 } from "../../src/log/ops.ts";
@@ -295,7 +295,7 @@ export function runScenario(
       case "reset-counts":
         for (const n of h.nodes.values()) {
           sentBase.set(n.id, n.core?.stats.messagesSent ?? 0);
-          malformedBase.set(n.id, n.core?.stats.malformed ?? 0);
+          malformedBase.set(n.id, dropped(n.core));
         }
         return;
       case "expect":
@@ -424,7 +424,7 @@ export function runScenario(
       }
       case "malformed": {
         const n = h.node(nodeId(w[1]));
-        const got = (n.core?.stats.malformed ?? 0) - (malformedBase.get(n.id) ?? 0);
+        const got = dropped(n.core) - (malformedBase.get(n.id) ?? 0);
         if (got !== num(rhs[0])) throw new ScriptError(`Expected ${rhs[0]} malformed, got ${got}`);
         return;
       }
@@ -486,4 +486,9 @@ function describe(r: OpResult): string {
 /** Runs a scenario file. */
 export function runScenarioFile(path: string, options: { verbose?: boolean } = {}): ScenarioResult {
   return runScenario(Deno.readTextFileSync(path), path, options);
+}
+
+/** Messages a core dropped: malformed ones and, by their version byte, another release's. */
+function dropped(core: ClusterCore | null): number {
+  return (core?.stats.malformed ?? 0) + (core?.stats.foreignVersion ?? 0);
 }
