@@ -11,7 +11,7 @@
  * it.
  */
 import assert from "node:assert/strict";
-import { missingTools, readText, run, tail } from "./support/vm.ts";
+import { guestImage, missingTools, readText, run, tail } from "./support/vm.ts";
 
 /** Steps both guests run before the kill, each printing a PASS line, in order. */
 const SHARED_STEPS = [
@@ -86,15 +86,7 @@ if (missing.length > 0 && !inCi) {
 async function clusterRun(t: Deno.TestContext, victim: "writer" | "other"): Promise<void> {
   assert.deepEqual(missing, [], `Missing tools under CI: ${missing.join(", ")}`);
 
-  const build = await run("bash", ["scripts/vm/build_image.sh"]);
-  console.log(`real_kernel_cluster_test: guest image ready in ${build.seconds.toFixed(1)} s`);
-  assert.equal(
-    build.code,
-    0,
-    `build_image.sh failed (exit ${build.code}):\n${tail(build.stderr, FAILURE_OUTPUT_LINES)}`,
-  );
-  const image = build.stdout.trim().split("\n").at(-1) ?? "";
-  assert.ok(image.length > 0, "build_image.sh printed no image directory");
+  const image = await guestImage("real_kernel_cluster_test");
 
   const results = await Deno.makeTempDir({ prefix: "clogd-real-cluster-" });
   const cluster = await run("bash", [

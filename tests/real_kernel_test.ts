@@ -8,7 +8,7 @@
  * missing tool fails it.
  */
 import assert from "node:assert/strict";
-import { missingTools, readText, run, tail } from "./support/vm.ts";
+import { guestImage, missingTools, readText, run, tail } from "./support/vm.ts";
 
 /** The in-guest cases that must each print a PASS line, in the order the script runs them. */
 const EXPECTED_CASES = [
@@ -48,15 +48,7 @@ Deno.test({
   async fn(t) {
     assert.deepEqual(missing, [], `Missing tools under CI: ${missing.join(", ")}`);
 
-    const build = await run("bash", ["scripts/vm/build_image.sh"]);
-    console.log(`real_kernel_test: guest image ready in ${build.seconds.toFixed(1)} s`);
-    assert.equal(
-      build.code,
-      0,
-      `build_image.sh failed (exit ${build.code}):\n${tail(build.stderr, FAILURE_OUTPUT_LINES)}`,
-    );
-    const image = build.stdout.trim().split("\n").at(-1) ?? "";
-    assert.ok(image.length > 0, "build_image.sh printed no image directory");
+    const image = await guestImage("real_kernel_test");
 
     const results = await Deno.makeTempDir({ prefix: "clogd-real-kernel-" });
     const guest = await run("bash", [

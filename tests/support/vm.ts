@@ -81,3 +81,25 @@ export async function readText(path: string): Promise<string> {
     throw error;
   }
 }
+
+/** Lines of build_image.sh's stderr quoted when it fails. */
+const BUILD_FAILURE_LINES = 80;
+
+/**
+ * Builds the guest image (scripts/vm/build_image.sh; cached, so at once after the first time) and
+ * returns its directory. `who` names the test in the line saying how long it took.
+ *
+ * @throws Error (an assertion) quoting the script's stderr when it fails or prints no directory
+ */
+export async function guestImage(who: string): Promise<string> {
+  const build = await run("bash", ["scripts/vm/build_image.sh"]);
+  console.log(`${who}: guest image ready in ${build.seconds.toFixed(1)} s`);
+  if (build.code !== 0) {
+    throw new Error(
+      `build_image.sh failed (exit ${build.code}):\n${tail(build.stderr, BUILD_FAILURE_LINES)}`,
+    );
+  }
+  const image = build.stdout.trim().split("\n").at(-1) ?? "";
+  if (image.length === 0) throw new Error("build_image.sh printed no image directory");
+  return image;
+}
