@@ -389,8 +389,12 @@ export function decodeCpgRingId(bytes: Uint8Array): CpgRingId {
 
 // ---- Errors ----
 
-/** A libcpg call failed; carries the cs_error_t value and the name of the call. */
-export class CpgError extends Error {
+/**
+ * A corosync library call (libcpg, libquorum) failed: the cs_error_t it returned and the C
+ * function. Callers that only care about the code (e.g. `CS_ERR_TRY_AGAIN` from either library)
+ * test for this class; {@link CpgError} and `QuorumError` (ffi/quorum.ts) say which library.
+ */
+export class CsError extends Error {
   /** The cs_error_t value the call returned. */
   readonly code: number;
   /** The C function that failed, e.g. `"cpg_join"`. */
@@ -403,7 +407,7 @@ export class CpgError extends Error {
   constructor(call: string, code: number, options?: ErrorOptions & { hint?: string }) {
     const hint = options?.hint ? `: ${options.hint}` : "";
     super(`${call} failed: ${csErrorName(code)} (${code})${hint}`, options);
-    this.name = "CpgError";
+    this.name = new.target.name;
     this.code = code;
     this.call = call;
   }
@@ -413,6 +417,9 @@ export class CpgError extends Error {
     return csErrorName(this.code);
   }
 }
+
+/** A libcpg call failed. */
+export class CpgError extends CsError {}
 
 /**
  * Most callback errors one dispatch records. A callback that throws on every message of a long

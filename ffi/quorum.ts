@@ -25,7 +25,7 @@
  */
 
 import { cachedDlopen } from "./dlopen.ts";
-import { CS_DISPATCH_ALL, CS_ERR_LIBRARY, CS_OK, csErrorName } from "./cpg.ts";
+import { CS_DISPATCH_ALL, CS_ERR_LIBRARY, CS_OK, CsError } from "./cpg.ts";
 
 /** The libquorum symbols clogd uses. Each parameter is annotated with its C type. */
 export const symbols = {
@@ -202,25 +202,8 @@ export function decodeNodeIds(pointer: Deno.PointerValue, count: number): number
 
 // ---- Errors ----
 
-/** A libquorum call failed; carries the cs_error_t value and the name of the call. */
-export class QuorumError extends Error {
-  /** The cs_error_t value the call returned. */
-  readonly code: number;
-  /** The C function that failed, e.g. `"quorum_getquorate"`. */
-  readonly call: string;
-
-  /**
-   * `new QuorumError("quorum_model_initialize", 2, { hint: "is corosync running?" })` has the
-   * message "quorum_model_initialize failed: CS_ERR_LIBRARY (2): is corosync running?".
-   */
-  constructor(call: string, code: number, options?: ErrorOptions & { hint?: string }) {
-    const hint = options?.hint ? `: ${options.hint}` : "";
-    super(`${call} failed: ${csErrorName(code)} (${code})${hint}`, options);
-    this.name = "QuorumError";
-    this.code = code;
-    this.call = call;
-  }
-}
+/** A libquorum call failed. */
+export class QuorumError extends CsError {}
 
 /** Most callback errors one dispatch records; the rest are only counted. */
 export const MAX_RECORDED_QUORUM_CALLBACK_ERRORS = 16;

@@ -12,8 +12,7 @@ import { KernelLink } from "./kernel/link.ts";
 import type { LayoutMode } from "./kernel/codec.ts";
 import { LocalTransport } from "./bus/local.ts";
 import { CONNECT_TRY_AGAIN_LIMIT_MS, CpgTransport } from "./bus/cpg.ts";
-import { CpgError, CS_ERR_TRY_AGAIN } from "../ffi/cpg.ts";
-import { QuorumError } from "../ffi/quorum.ts";
+import { CS_ERR_TRY_AGAIN, CsError } from "../ffi/cpg.ts";
 import type { ClusterTransport } from "./bus/transport.ts";
 import { Node } from "./node.ts";
 import { ControlServer } from "./control.ts";
@@ -253,7 +252,7 @@ async function openTransport(
   } catch (err) {
     log.error(
       `Cluster mode needs corosync, which did not answer${
-        (err instanceof CpgError || err instanceof QuorumError) && err.code === CS_ERR_TRY_AGAIN
+        err instanceof CsError && err.code === CS_ERR_TRY_AGAIN
           ? ` within ${CONNECT_TRY_AGAIN_LIMIT_MS / 1000} s`
           : ""
       }: ${(err as Error).message}. ` +

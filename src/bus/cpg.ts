@@ -73,6 +73,7 @@ import {
   CS_ERR_LIBRARY,
   CS_ERR_TRY_AGAIN,
   CS_OK,
+  CsError,
   csErrorName,
   encodeCpgName,
 } from "../../ffi/cpg.ts";
@@ -528,8 +529,7 @@ export class CpgTransport implements ClusterTransport {
       try {
         return CpgTransport.connect(options);
       } catch (error) {
-        const tryAgain = (error instanceof CpgError || error instanceof QuorumError) &&
-          error.code === CS_ERR_TRY_AGAIN;
+        const tryAgain = error instanceof CsError && error.code === CS_ERR_TRY_AGAIN;
         if (!tryAgain || Date.now() + delay > deadline) throw error;
         patience.onRetry?.(error, attempt);
       }
