@@ -35,6 +35,7 @@ import {
 } from "../../ffi/cpg.ts";
 import { Prng } from "../../src/sim/prng.ts";
 import { dispatchUntil, joinWithRetry, waitReadable } from "./corosync.ts";
+import { emit, required, runScenarios } from "./child_main.ts";
 
 /** Largest test message: 64 KiB, far above an MTU, so corosync fragments it on the wire. */
 export const TEST_MESSAGE_MAX_BYTES = 64 * 1024;
@@ -241,10 +242,6 @@ export function summarize(samples: readonly number[]) {
 /** Longest any phase of a scenario waits, in ms. */
 const PHASE_TIMEOUT_MS = 30_000;
 
-function emit(line: Record<string, unknown>): void {
-  console.log(JSON.stringify(line));
-}
-
 /** Opens a handle with `recorder` as its only reference to the callbacks' owner. */
 function openHandle(recorder: StreamRecorder): CpgHandle {
   // An object literal made here, referenced only by the handle: a GC test proves the handle
@@ -381,24 +378,4 @@ async function rtt(args: string[]): Promise<void> {
   }
 }
 
-function required(value: string | undefined, name: string): string {
-  if (value === undefined) throw new Error(`Missing ${name}`);
-  return value;
-}
-
-if (import.meta.main) {
-  const [scenario, ...args] = Deno.args;
-  try {
-    if (scenario === "stream") await stream(args);
-    else if (scenario === "rtt") await rtt(args);
-    else throw new Error(`Unknown scenario "${scenario}" (stream, rtt)`);
-  } catch (error) {
-    emit({
-      event: "error",
-      message: error instanceof Error ? error.message : String(error),
-      code: error instanceof CpgError ? error.code : undefined,
-      stack: error instanceof Error ? error.stack : undefined,
-    });
-    Deno.exit(1);
-  }
-}
+if (import.meta.main) await runScenarios({ stream, rtt });

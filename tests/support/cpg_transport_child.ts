@@ -23,6 +23,7 @@ import type { TransportHandlers } from "../../src/bus/transport.ts";
 import type { Confchg } from "../../src/cluster/core.ts";
 import { Logger } from "../../src/logger.ts";
 import { EventLoop } from "../../src/loop.ts";
+import { emit, required, runScenarios } from "./child_main.ts";
 
 /** Header of a test payload: sender node id (u32) and index (u32), little-endian. */
 export const PAYLOAD_HEADER_BYTES = 8;
@@ -161,10 +162,6 @@ export async function waitUntil(
 /** Longest any phase of a scenario waits, in ms. */
 const PHASE_TIMEOUT_MS = 30_000;
 
-function emit(line: Record<string, unknown>): void {
-  console.log(JSON.stringify(line));
-}
-
 async function withTransport(
   group: string,
   fn: (transport: CpgTransport, recorder: TransportRecorder) => Promise<void>,
@@ -259,23 +256,4 @@ async function member(args: string[]): Promise<void> {
   emit({ event: "left" });
 }
 
-function required(value: string | undefined, name: string): string {
-  if (value === undefined) throw new Error(`Missing ${name}`);
-  return value;
-}
-
-if (import.meta.main) {
-  const [scenario, ...args] = Deno.args;
-  try {
-    if (scenario === "stream") await stream(args);
-    else if (scenario === "member") await member(args);
-    else throw new Error(`Unknown scenario "${scenario}" (stream, member)`);
-  } catch (error) {
-    emit({
-      event: "error",
-      message: error instanceof Error ? error.message : String(error),
-      stack: error instanceof Error ? error.stack : undefined,
-    });
-    Deno.exit(1);
-  }
-}
+if (import.meta.main) await runScenarios({ stream, member });
