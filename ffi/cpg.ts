@@ -23,6 +23,7 @@
  */
 
 import { cachedDlopen } from "./dlopen.ts";
+import { CallbackDispatch } from "./dispatch.ts";
 
 /** The libcpg symbols clogd uses. Each parameter is annotated with its C type. */
 export const symbols = {
@@ -508,9 +509,12 @@ export class CpgHandle implements Disposable {
   readonly #iovec = new Uint8Array(new ArrayBuffer(IOVEC.size));
   readonly #iovecView = new DataView(this.#iovec.buffer);
   readonly #u32Out = new Uint32Array(new ArrayBuffer(4));
-  #errors: unknown[] = [];
-  #errorCount = 0;
-  #dispatching = false;
+  readonly #dispatch = new CallbackDispatch({
+    who: "CpgHandle.dispatch()",
+    stackAdvice: "A CPG callback overflowed the stack: libcpg's dispatch uses 1 MiB of it, run " +
+      "Deno with --v8-flags=--stack-size=2048",
+    maxRecorded: MAX_RECORDED_CALLBACK_ERRORS,
+  });
   #finalized = false;
 
   /** Creates the C callbacks; {@link open} then connects. */
@@ -523,7 +527,7 @@ export class CpgHandle implements Disposable {
         try {
           this.#onDeliver(groupName, nodeid, pid, msg, Number(msgLen));
         } catch (error) {
-          this.#record(error);
+          this.#dispatch.record(error);
         }
       },
     );
@@ -538,7 +542,7 @@ export class CpgHandle implements Disposable {
             decodeCpgAddresses(joined, Number(joinedCount)),
           );
         } catch (error) {
-          this.#record(error);
+          this.#dispatch.record(error);
         }
       },
     );
@@ -555,7 +559,7 @@ export class CpgHandle implements Disposable {
             }
             callbacks.onTotemConfchg?.(decodeCpgRingId(ringId), ids);
           } catch (error) {
-            this.#record(error);
+            this.#dispatch.record(error);
           }
         },
       );
@@ -701,33 +705,14 @@ export class CpgHandle implements Disposable {
    */
   dispatch(flags: number = CS_DISPATCH_ALL): number {
     this.#assertOpen("dispatch");
-    if (this.#dispatching) {
-      // A nested cpg_dispatch would put a second 1 MiB buffer on the C stack.
-      throw new Error("CpgHandle.dispatch() called from inside a CPG callback");
-    }
-    this.#dispatching = true;
-    let result: number;
-    try {
-      result = this.#lib.cpg_dispatch(this.#handle, flags);
-    } catch (error) {
-      // Only a callback that V8 refused to enter gets here: every callback body catches.
-      if (error instanceof RangeError && /call stack/i.test(error.message)) {
-        throw new Error(
-          "A CPG callback overflowed the stack: libcpg's dispatch uses 1 MiB of it, run Deno with --v8-flags=--stack-size=2048",
-          { cause: error },
-        );
-      }
-      throw error;
-    } finally {
-      this.#dispatching = false;
+    const { result, errors, count } = this.#dispatch.run(
+      () => this.#lib.cpg_dispatch(this.#handle, flags),
       // finalize() called from a callback deferred this: C was still running our callbacks.
-      if (this.#finalized) this.#closeCallbacks();
-    }
-    if (this.#errorCount > 0) {
-      const errors = this.#errors;
-      const count = this.#errorCount;
-      this.#errors = [];
-      this.#errorCount = 0;
+      () => {
+        if (this.#finalized) this.#closeCallbacks();
+      },
+    );
+    if (count > 0) {
       const onError = this.#callbacks.onError;
       if (onError === undefined) throw new CpgCallbackError(errors, { count, result });
       for (const error of errors) onError.call(this.#callbacks, error);
@@ -788,7 +773,7 @@ export class CpgHandle implements Disposable {
     if (this.#finalized) return CS_OK;
     this.#finalized = true;
     const result = this.#lib.cpg_finalize(this.#handle);
-    if (!this.#dispatching) this.#closeCallbacks();
+    if (!this.#dispatch.running) this.#closeCallbacks();
     return result;
   }
 
@@ -808,11 +793,6 @@ export class CpgHandle implements Disposable {
     const data = new Uint8Array(length);
     if (length > 0 && msg !== null) Deno.UnsafePointerView.copyInto(msg, data);
     this.#callbacks.onDeliver(nodeid, pid, decodeCpgName(groupName), data);
-  }
-
-  #record(error: unknown): void {
-    if (this.#errors.length < MAX_RECORDED_CALLBACK_ERRORS) this.#errors.push(error);
-    this.#errorCount++;
   }
 
   #pointSendBuffer(): void {

@@ -25,6 +25,7 @@
  */
 
 import { cachedDlopen } from "./dlopen.ts";
+import { CallbackDispatch } from "./dispatch.ts";
 import { CS_DISPATCH_ALL, CS_ERR_LIBRARY, CS_OK, CsError } from "./cpg.ts";
 
 /** The libquorum symbols clogd uses. Each parameter is annotated with its C type. */
@@ -278,9 +279,12 @@ export class QuorumHandle implements Disposable {
   #quorumCallback: QuorumNotifyCallback | undefined;
   #nodelistCallback: NodelistNotifyCallback | undefined;
   readonly #i32Out = new Int32Array(new ArrayBuffer(4));
-  #errors: unknown[] = [];
-  #errorCount = 0;
-  #dispatching = false;
+  readonly #dispatch = new CallbackDispatch({
+    who: "QuorumHandle.dispatch()",
+    stackAdvice: "A quorum callback overflowed the stack: libquorum's dispatch uses a large C " +
+      "stack buffer, run Deno with --v8-flags=--stack-size=2048",
+    maxRecorded: MAX_RECORDED_QUORUM_CALLBACK_ERRORS,
+  });
   #finalized = false;
 
   private constructor(lib: Libquorum, callbacks: QuorumCallbacks) {
@@ -296,7 +300,7 @@ export class QuorumHandle implements Disposable {
             members: decodeNodeIds(members, count),
           });
         } catch (error) {
-          this.#record(error);
+          this.#dispatch.record(error);
         }
       },
     );
@@ -312,7 +316,7 @@ export class QuorumHandle implements Disposable {
               left: decodeNodeIds(left, leftCount),
             });
           } catch (error) {
-            this.#record(error);
+            this.#dispatch.record(error);
           }
         },
       );
@@ -438,28 +442,13 @@ export class QuorumHandle implements Disposable {
    */
   dispatch(flags: number = CS_DISPATCH_ALL): number {
     this.#assertOpen("dispatch");
-    if (this.#dispatching) throw new Error("QuorumHandle.dispatch() called from a callback");
-    this.#dispatching = true;
-    let result: number;
-    try {
-      result = this.#lib.quorum_dispatch(this.#handle, flags);
-    } catch (error) {
-      if (error instanceof RangeError && /call stack/i.test(error.message)) {
-        throw new Error(
-          "A quorum callback overflowed the stack: libquorum's dispatch uses a large C stack buffer, run Deno with --v8-flags=--stack-size=2048",
-          { cause: error },
-        );
-      }
-      throw error;
-    } finally {
-      this.#dispatching = false;
-      if (this.#finalized) this.#closeCallbacks();
-    }
-    if (this.#errorCount > 0) {
-      const errors = this.#errors;
-      const count = this.#errorCount;
-      this.#errors = [];
-      this.#errorCount = 0;
+    const { result, errors, count } = this.#dispatch.run(
+      () => this.#lib.quorum_dispatch(this.#handle, flags),
+      () => {
+        if (this.#finalized) this.#closeCallbacks();
+      },
+    );
+    if (count > 0) {
       const onError = this.#callbacks.onError;
       if (onError === undefined) throw new QuorumCallbackError(errors, count);
       for (const error of errors) onError.call(this.#callbacks, error);
@@ -475,18 +464,13 @@ export class QuorumHandle implements Disposable {
     if (this.#finalized) return CS_OK;
     this.#finalized = true;
     const result = this.#lib.quorum_finalize(this.#handle);
-    if (!this.#dispatching) this.#closeCallbacks();
+    if (!this.#dispatch.running) this.#closeCallbacks();
     return result;
   }
 
   /** {@link finalize}, for `using`. */
   [Symbol.dispose](): void {
     this.finalize();
-  }
-
-  #record(error: unknown): void {
-    if (this.#errors.length < MAX_RECORDED_QUORUM_CALLBACK_ERRORS) this.#errors.push(error);
-    this.#errorCount++;
   }
 
   #closeCallbacks(): void {
